@@ -1,0 +1,74 @@
+// Detection traits that turn a missing member of a user-supplied functor
+// into a readable compile error.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "cki/assessment/context.hpp"
+#include "cki/tensor.hpp"
+
+namespace cki::detail {
+
+template <typename Info, typename Scalar, typename = void>
+struct is_information_content : std::false_type {};
+template <typename Info, typename Scalar>
+struct is_information_content<
+    Info, Scalar,
+    std::enable_if_t<std::is_convertible_v<
+        decltype(std::declval<const Info&>()(std::declval<const TensorView<Scalar>&>(),
+                                             std::declval<const std::string&>(), 0)),
+        double>>> : std::true_type {};
+
+template <typename Global, typename = void>
+struct is_global_weight : std::false_type {};
+template <typename Global>
+struct is_global_weight<
+    Global, std::enable_if_t<std::is_convertible_v<
+                decltype(std::declval<const Global&>()(std::declval<const std::vector<double>&>())),
+                std::vector<double>>>> : std::true_type {};
+
+template <typename Local, typename Scalar, typename = void>
+struct is_local_uncertainty : std::false_type {};
+template <typename Local, typename Scalar>
+struct is_local_uncertainty<
+    Local, Scalar,
+    std::void_t<decltype(std::declval<const Local&>().check_tensor(std::declval<const TensorContext&>())),
+                decltype(std::declval<const Local&>()(
+                    std::declval<const TensorContext&>(), std::declval<const Scalar* const*>(),
+                    std::int64_t{}, std::declval<BlockArray<Scalar>&>(),
+                    std::declval<BlockArray<Scalar>&>()))>> : std::true_type {};
+
+template <typename Rule, typename Scalar, typename = void>
+struct is_combination_rule : std::false_type {};
+template <typename Rule, typename Scalar>
+struct is_combination_rule<
+    Rule, Scalar,
+    std::void_t<decltype(std::declval<const Rule&>().check(std::size_t{})),
+                decltype(std::declval<const Rule&>()(
+                    std::declval<const std::vector<Scalar>&>(), std::int64_t{},
+                    std::declval<const BlockArray<Scalar>&>(), std::declval<BlockArray<Scalar>&>(),
+                    std::declval<BlockArray<Scalar>&>()))>> : std::true_type {};
+
+template <typename T, typename = void>
+struct has_parameters : std::false_type {};
+template <typename T>
+struct has_parameters<T, std::void_t<decltype(std::declval<const T&>().parameters())>>
+    : std::true_type {};
+
+/// The functor's `parameters()` as JSON, or an empty object when it has none.
+template <typename T>
+nlohmann::json parameters_of(const T& functor) {
+  if constexpr (has_parameters<T>::value) {
+    return functor.parameters();
+  } else {
+    return nlohmann::json::object();
+  }
+}
+
+}  // namespace cki::detail

@@ -1,0 +1,182 @@
+// Splicing policies: hard and soft splicing composed with an assessment.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "cki/assessment/compatibility_assessment.hpp"
+#include "cki/assessment/context.hpp"
+#include "cki/detail/parallel.hpp"
+#include "cki/splicing/report.hpp"
+#include "cki/tensor.hpp"
+
+namespace cki {
+
+/// Soft splicing: the merged element is the weighted sum sum_k w_k theta_k.
+struct SoftSplice {
+  static constexpr bool is_hard = false;
+  static constexpr const char* kName = "soft";
+
+  /// Writes `count` merged elements to `out` and adds each model's weight
+  /// sum to `weight_sums`. `hard_counts` is unused.
+  template <typename Scalar>
+  static void apply(const BlockArray<Scalar>& w, const Scalar* const* block, std::int64_t count,
+                    Eigen::Index n, Scalar* out, double* weight_sums, std::int64_t* /*hard_counts*/) {
+    using Column = Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
+    Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>> merged(out, count);
+    merged = w.col(0).head(count) * Column(block[0], count);
+    for (Eigen::Index k = 1; k < n; ++k) merged += w.col(k).head(count) * Column(block[k], count);
+    for (Eigen::Index k = 0; k < n; ++k) {
+      weight_sums[k] += w.col(k).head(count).template cast<double>().sum();
+    }
+  }
+};
+
+/// Hard splicing: the merged element is the value of the model with the
+/// highest weight, exact ties going to the lowest index (the base).
+struct HardSplice {
+  static constexpr bool is_hard = true;
+  static constexpr const char* kName = "hard";
+
+  /// Writes `count` merged elements to `out`, adds each model's weight sum to
+  /// `weight_sums` and counts the elements taken from each in `hard_counts`.
+  template <typename Scalar>
+  static void apply(const BlockArray<Scalar>& w, const Scalar* const* block, std::int64_t count,
+                    Eigen::Index n, Scalar* out, double* weight_sums, std::int64_t* hard_counts) {
+    for (std::int64_t i = 0; i < count; ++i) {
+      Eigen::Index best = 0;
+      Scalar best_weight = w(i, 0);
+      for (Eigen::Index k = 1; k < n; ++k) {
+        if (w(i, k) > best_weight) {
+          best = k;
+          best_weight = w(i, k);
+        }
+      }
+      out[i] = block[best][i];
+      ++hard_counts[best];
+    }
+    for (Eigen::Index k = 0; k < n; ++k) {
+      weight_sums[k] += w.col(k).head(count).template cast<double>().sum();
+    }
+  }
+};
+
+/// Splicing policy: an assessment that scores every element of every model,
+/// composed with hard or soft splicing.
+///
+/// The policy interface, shared by the baseline merge methods:
+/// - `std::string name() const`, the method name ("cki-soft");
+/// - `nlohmann::json parameters() const`;
+/// - `void check(std::size_t n_models) const`, throwing std::invalid_argument;
+/// - `std::vector<ModelTensorStats> merge(const TensorContext&, const
+///   std::vector<TensorView<Scalar>>& models, Scalar* out) const`, with the
+///   models base first and `out` holding room for one tensor; returns stats
+///   base first;
+/// - optionally `bool checks_finite() const`, true when `merge` itself
+///   throws NumericError for non-finite inputs, so splice_tensor need not scan.
+/// \tparam Scalar compute scalar, float or double.
+/// \tparam Assessment e.g. CompatibilityAssessment<Scalar>.
+/// \tparam Splice SoftSplice or HardSplice.
+template <typename Scalar, typename Assessment = CompatibilityAssessment<Scalar>,
+          typename Splice = SoftSplice>
+class SplicingPolicy {
+ public:
+  using scalar_type = Scalar;
+
+  SplicingPolicy() = default;
+  explicit SplicingPolicy(Assessment assessment) : assessment_(std::move(assessment)) {}
+
+  /// Builds the default assessment from `params`; throws std::invalid_argument
+  /// naming the first field out of range.
+  explicit SplicingPolicy(const CkiParams& params) : assessment_(params) {}
+
+  std::string name() const { return std::string("cki-") + Splice::kName; }
+  nlohmann::json parameters() const { return assessment_.parameters(); }
+  void check(std::size_t n_models) const { assessment_.check(n_models); }
+  bool checks_finite() const { return true; }
+
+  const Assessment& assessment() const { return assessment_; }
+  Assessment& assessment() { return assessment_; }
+
+  /// Splices one tensor of N models (base first) into `out`.
+  std::vector<ModelTensorStats> merge(const TensorContext& context,
+                                      const std::vector<TensorView<Scalar>>& models, Scalar* out) const {
+    const auto n = static_cast<Eigen::Index>(models.size());
+    const std::int64_t numel = models.front().size();
+
+    // Global level: entropies and global weights, once per tensor.
+    const GlobalAssessment global = assessment_.assess_tensor(context, models);
+    const std::vector<Scalar> global_weights(global.global_weight.begin(), global.global_weight.end());
+
+    // Local level and splicing, block by block; per-block sums are added in
+    // block order afterwards so the report does not depend on threads.
+    const detail::BlockPlan plan(numel, last_dim(context.shape));
+    const std::int64_t capacity = plan.rows_per_block * plan.row_length;
+    const auto blocks = static_cast<std::size_t>(plan.block_count);
+    std::vector<double> weight_sums(blocks * static_cast<std::size_t>(n), 0.0);
+    std::vector<std::int64_t> hard_counts(blocks * static_cast<std::size_t>(n), 0);
+    std::vector<Workspace> workspaces(static_cast<std::size_t>(detail::thread_count(context.threads)));
+
+    detail::for_each_block(
+        plan.block_count, context.threads,
+        [&](int thread) { workspaces[static_cast<std::size_t>(thread)].allocate(capacity, n); },
+        [&](std::int64_t block, int thread) {
+          Workspace& work = workspaces[static_cast<std::size_t>(thread)];
+          const std::int64_t begin = plan.begin(block);
+          const std::int64_t count = plan.end(block) - begin;
+          for (Eigen::Index k = 0; k < n; ++k) work.pointers[k] = models[k].data() + begin;
+          assessment_.assess_block(context, global_weights, work.pointers.data(), count, work.l, work.w,
+                                   work.scratch);
+          const auto offset = static_cast<std::size_t>(block) * static_cast<std::size_t>(n);
+          Splice::apply(work.w, work.pointers.data(), count, n, out + begin, weight_sums.data() + offset,
+                        hard_counts.data() + offset);
+        });
+
+    // Per-model statistics for the report.
+    std::vector<ModelTensorStats> stats(static_cast<std::size_t>(n));
+    for (Eigen::Index k = 0; k < n; ++k) {
+      double weight_total = 0.0;
+      std::int64_t taken = 0;
+      for (std::size_t b = 0; b < blocks; ++b) {
+        weight_total += weight_sums[b * n + k];
+        taken += hard_counts[b * n + k];
+      }
+      auto& model = stats[static_cast<std::size_t>(k)];
+      model.entropy = global.entropy[k];
+      model.global_weight = global.global_weight[k];
+      model.mean_weight = weight_total / static_cast<double>(numel);
+      if (Splice::is_hard) model.hard_share = static_cast<double>(taken) / static_cast<double>(numel);
+    }
+    return stats;
+  }
+
+ private:
+  struct Workspace {
+    BlockArray<Scalar> l, w, scratch;
+    std::vector<const Scalar*> pointers;
+
+    void allocate(std::int64_t capacity, Eigen::Index n) {
+      l.resize(capacity, n);
+      w.resize(capacity, n);
+      scratch.resize(capacity, std::max<Eigen::Index>(n, 2));
+      pointers.resize(static_cast<std::size_t>(n));
+    }
+  };
+
+  Assessment assessment_;
+};
+
+/// Data-free CKI with soft splicing (score-weighted sum).
+template <typename Scalar>
+using CkiSoft = SplicingPolicy<Scalar, CompatibilityAssessment<Scalar>, SoftSplice>;
+
+/// Data-free CKI with hard splicing (value of the best-scoring model).
+template <typename Scalar>
+using CkiHard = SplicingPolicy<Scalar, CompatibilityAssessment<Scalar>, HardSplice>;
+
+}  // namespace cki
