@@ -437,3 +437,32 @@ TEST_CASE("splice tensor scans for non-finite input", "[splice][errors]") {
   views.push_back(cki::TensorView<double>(c.data(), {2}));
   CHECK_THROWS_AS(cki::splice_tensor("x", views, 0, MeanPolicy<double>{}, out.data()), cki::MismatchError);
 }
+
+TEST_CASE("nan policy copies from base", "[splice][errors]") {
+  const double inf = std::numeric_limits<double>::infinity();
+  std::vector<cki::WeightSet<double>> sets{one_tensor_set<double>("a.st", "w", {3}, {0, 1, 2}),
+                                           one_tensor_set<double>("b.st", "w", {3}, {0, std::nan(""), 2}),
+                                           one_tensor_set<double>("c.st", "w", {3}, {-inf, 1, 2})};
+  cki::SpliceOptions options;
+  options.nan_policy = cki::NanPolicy::copy_base;
+  std::vector<cki::WeightSet<double>> two{sets[0], sets[1]};
+  const auto copied = cki::splice(two, cki::CkiSoft<double>(), options);
+  CHECK_FALSE(copied.report.tensors[0].spliced);
+  CHECK_THAT(copied.report.tensors[0].copy_reason,
+             Contains("NaN at index 1 ([1])") && Contains("model 2 ('b.st')") && Contains("copy-base"));
+  CHECK(copied.merged.view("w")[1] == 1.0);
+
+  // copy-base still fails when the base itself is not finite.
+  options.base = 1;
+  CHECK_THROWS_WITH(cki::splice(two, cki::CkiSoft<double>(), options), Contains("model 2 ('b.st')"));
+
+  // allow copies from the base even when the base holds -inf.
+  options.nan_policy = cki::NanPolicy::allow;
+  options.base = 2;
+  const auto allowed = cki::splice(sets, cki::CkiHard<double>(), options);
+  CHECK(allowed.merged.view("w")[0] == -inf);
+  CHECK_THAT(allowed.report.tensors[0].copy_reason, Contains("infinity at index 0") && Contains("allow"));
+
+  CHECK(cki::parse_nan_policy("copy-base") == cki::NanPolicy::copy_base);
+  CHECK_FALSE(cki::parse_nan_policy("ignore").has_value());
+}

@@ -4,6 +4,7 @@
 #include <fnmatch.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <stdexcept>
@@ -23,6 +24,36 @@
 
 namespace cki {
 
+/// What to do with a tensor that holds NaN or infinity in some model.
+enum class NanPolicy {
+  /// Throw NumericError naming the tensor, model and first index.
+  error,
+  /// Copy the tensor from the base when another model holds the non-finite
+  /// value, noting it in the report; still an error when the base holds it.
+  copy_base,
+  /// Copy the tensor from the base whichever model holds the non-finite
+  /// value (attention masks hold -inf on purpose), noting it in the report.
+  allow,
+};
+
+/// Returns the name of `policy` as the tool spells it: "error", "copy-base" or "allow".
+inline const char* nan_policy_name(NanPolicy policy) {
+  switch (policy) {
+    case NanPolicy::error: return "error";
+    case NanPolicy::copy_base: return "copy-base";
+    case NanPolicy::allow: return "allow";
+  }
+  return "unknown";
+}
+
+/// Parses a NaN policy name; returns nothing for an unknown one.
+inline std::optional<NanPolicy> parse_nan_policy(const std::string& name) {
+  for (NanPolicy policy : {NanPolicy::error, NanPolicy::copy_base, NanPolicy::allow}) {
+    if (name == nan_policy_name(policy)) return policy;
+  }
+  return std::nullopt;
+}
+
 /// Options of splice() that are not parameters of the method.
 struct SpliceOptions {
   /// Input index of the base model: the formulas order the models with the
@@ -38,6 +69,8 @@ struct SpliceOptions {
   /// Threads for element loops; 0 uses the OpenMP default. Results are
   /// bit-identical for every thread count.
   int threads = 0;
+  /// Handling of tensors with NaN or infinite elements.
+  NanPolicy nan_policy = NanPolicy::error;
 
   /// Throws std::invalid_argument naming the field when it is out of range.
   void check(std::size_t n_models) const {
@@ -127,14 +160,17 @@ inline std::vector<std::size_t> base_first_order(std::size_t n_models, std::size
 /// `models` are in input order and must share one shape; `out` has room for
 /// that many elements and may not alias an input. With one model the tensor is
 /// copied. `dtype` is the storage dtype recorded in the report; `labels` name
-/// the models in messages (file paths), in input order. Returns the tensor's report, with per-model stats in input order.
+/// the models in messages (file paths), in input order. Under a `nan_policy`
+/// other than error, a tensor with a non-finite element is copied from the
+/// base and the report says where the value was. Returns the tensor's report, with per-model stats in input order.
 /// Throws std::invalid_argument for a bad base index or a policy that cannot
 /// take N models, MismatchError for differing shapes, and NumericError
 /// naming the tensor and first index of a NaN or infinite input element.
 template <typename Scalar, typename Policy>
 TensorReport splice_tensor(const std::string& name, const std::vector<TensorView<Scalar>>& models,
                            std::size_t base, const Policy& policy, Scalar* out, int threads = 0,
-                           DType dtype = dtype_of<Scalar>(), const std::vector<std::string>& labels = {}) {
+                           DType dtype = dtype_of<Scalar>(), const std::vector<std::string>& labels = {},
+                           NanPolicy nan_policy = NanPolicy::error) {
   static_assert(detail::is_splicing_policy<Policy, Scalar>::value,
                 "Policy needs name(), parameters(), check(std::size_t) and merge(const TensorContext&, "
                 "const std::vector<TensorView<Scalar>>&, Scalar*) as documented on SplicingPolicy");
@@ -171,6 +207,21 @@ TensorReport splice_tensor(const std::string& name, const std::vector<TensorView
     if (k < labels.size() && !labels[k].empty()) label += " ('" + labels[k] + "')";
     return label;
   };
+  if (nan_policy != NanPolicy::error) {
+    // The base is scanned first, so copy-base fails on a non-finite base
+    // whatever the other models hold.
+    for (std::size_t k : detail::base_first_order(models.size(), base)) {
+      const std::int64_t bad = detail::first_non_finite(models[k], threads);
+      if (bad < 0) continue;
+      if (nan_policy == NanPolicy::copy_base && k == base) detail::throw_non_finite(name, label_of(k), models[k], bad);
+      std::copy(base_view.data(), base_view.data() + base_view.size(), out);
+      const Scalar value = models[k][bad];
+      report.copy_reason = std::string(std::isnan(value) ? "NaN" : "infinity") + " at " +
+                           detail::element_position(bad, models[k].shape()) + " in " + label_of(k) +
+                           ", copied from the base under nan policy " + nan_policy_name(nan_policy);
+      return report;
+    }
+  }
   if (!detail::policy_checks_finite(policy)) {
     for (std::size_t k = 0; k < models.size(); ++k) {
       const std::int64_t bad = detail::first_non_finite(models[k], threads);
@@ -249,7 +300,7 @@ SpliceResult<Scalar> splice(const std::vector<WeightSet<Scalar>>& sets, const Po
     for (const auto& set : sets) views.push_back(set.view(entry.name));
     Tensor<Scalar> merged(entry.shape);
     result.report.tensors.push_back(splice_tensor(entry.name, views, options.base, policy, merged.data(),
-                                                  options.threads, entry.dtype, labels));
+                                                  options.threads, entry.dtype, labels, options.nan_policy));
     result.merged.add(entry.name, std::move(merged), entry.dtype);
   }
   return result;
