@@ -1,6 +1,7 @@
 // Tests of the assessment functors against hand-derived values.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 
@@ -90,6 +91,61 @@ TEMPLATE_TEST_CASE("entropy rejects non-finite values", "[information]", float, 
                     Contains("'layer.weight'") && Contains("NaN") && Contains("index 2 ([1, 0])"));
   values[2] = -std::numeric_limits<TestType>::infinity();
   CHECK_THROWS_WITH(information(view, "layer.weight"), Contains("-Inf"));
+}
+
+// Entropy from a histogram built element by element with the bin formula,
+// to check the library's counting against.
+template <typename Scalar>
+double reference_entropy(const std::vector<Scalar>& values, int bins) {
+  const Scalar lowest = *std::min_element(values.begin(), values.end());
+  const Scalar highest = *std::max_element(values.begin(), values.end());
+  if (!(highest > lowest)) return 0.0;
+  const double low = static_cast<double>(lowest);
+  const double range = static_cast<double>(highest) - low;
+  std::vector<std::int64_t> counts(static_cast<std::size_t>(bins), 0);
+  for (Scalar value : values) {
+    const double position = (static_cast<double>(value) - low) / range * bins;
+    ++counts[static_cast<std::size_t>(std::min<std::int64_t>(bins - 1, static_cast<std::int64_t>(position)))];
+  }
+  double entropy = 0.0;
+  for (std::int64_t count : counts) {
+    if (count == 0) continue;
+    const double share = static_cast<double>(count) / static_cast<double>(values.size());
+    entropy -= share * std::log(share);
+  }
+  return entropy;
+}
+
+TEMPLATE_TEST_CASE("entropy counts match bin formula", "[information]", float, double) {
+  // Normal values over several blocks, integers that fall on bin edges, and
+  // a range of a few adjacent representable values.
+  std::mt19937 generator(11);
+  std::normal_distribution<double> normal(0.0, 0.02);
+  std::vector<TestType> spread, edges, narrow;
+  for (int i = 0; i < 10007; ++i) spread.push_back(static_cast<TestType>(normal(generator)));
+  for (int i = 0; i < 10007; ++i) edges.push_back(static_cast<TestType>(i % 331));
+  TestType next = TestType(1);
+  for (int i = 0; i < 10007; ++i) {
+    if (i % 1000 == 0) next = std::nextafter(next, TestType(2));
+    narrow.push_back(i % 3 == 0 ? TestType(1) : next);
+  }
+  const std::vector<std::pair<const char*, const std::vector<TestType>*>> data_sets{
+      {"spread", &spread}, {"edges", &edges}, {"narrow", &narrow}};
+  for (int bins : {1, 2, 3, 7, 10, 31, 32, 33, 100}) {
+    for (const auto& [label, values] : data_sets) {
+      INFO("bins " << bins << ", data set " << label);
+      const double expected = reference_entropy(*values, bins);
+      CHECK(entropy_of<TestType>(*values, {static_cast<std::int64_t>(values->size())}, bins) == expected);
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("entropy names first non-finite index", "[information]", float, double) {
+  std::vector<TestType> values(20000, TestType(0.5));
+  values[12000] = std::numeric_limits<TestType>::infinity();
+  values[9000] = std::numeric_limits<TestType>::quiet_NaN();
+  cki::TensorView<TestType> view(values.data(), {20000});
+  CHECK_THROWS_WITH(cki::InformationContent()(view, "w", 2), Contains("NaN") && Contains("index 9000"));
 }
 
 TEST_CASE("information params are range checked", "[information]") {

@@ -9,6 +9,7 @@
 #include "cki/assessment/local_uncertainty.hpp"
 #include "cki/dtype.hpp"
 #include "cki/errors.hpp"
+#include "cki/merge/registry.hpp"
 #include "cki/splicing/any_policy.hpp"
 #include "cki/splicing/policy.hpp"
 #include "cki/splicing/report.hpp"

@@ -115,11 +115,19 @@ class CombinationRule {
         return;
       }
       case RuleKind::softmax: {
+        // The row maximum for the softmax is gathered while the scores are
+        // still in cache.
+        auto maximum = scratch.col(0).head(count);
         for (Eigen::Index k = 0; k < n; ++k) {
           const Scalar g = global_weights[static_cast<std::size_t>(k)];
           w.col(k).head(count) = g * (Scalar(1) - (-g * (Scalar(1) - l.col(k).head(count))).exp());
+          if (k == 0) {
+            maximum = w.col(0).head(count);
+          } else {
+            maximum = maximum.max(w.col(k).head(count));
+          }
         }
-        softmax_in_place(n, count, w, scratch);
+        softmax_in_place(n, count, w, scratch, true);
         return;
       }
     }
@@ -128,20 +136,29 @@ class CombinationRule {
  private:
   // Replaces the scores e in the first `count` rows of `w` by softmax(e / tau)
   // across the n columns, shifted by the row maximum so exp never overflows.
+  // The maximum is in scratch column 0 when `has_maximum` is set. Each row
+  // is scaled by the reciprocal of its total, one division per row rather
+  // than one per weight.
   template <typename Scalar>
   void softmax_in_place(Eigen::Index n, std::int64_t count, BlockArray<Scalar>& w,
-                        BlockArray<Scalar>& scratch) const {
+                        BlockArray<Scalar>& scratch, bool has_maximum = false) const {
     const Scalar inverse_temperature = Scalar(1) / static_cast<Scalar>(params_.temperature);
     auto maximum = scratch.col(0).head(count);
     auto total = scratch.col(1).head(count);
-    maximum = w.col(0).head(count);
-    for (Eigen::Index k = 1; k < n; ++k) maximum = maximum.max(w.col(k).head(count));
+    if (!has_maximum) {
+      maximum = w.col(0).head(count);
+      for (Eigen::Index k = 1; k < n; ++k) maximum = maximum.max(w.col(k).head(count));
+    }
     for (Eigen::Index k = 0; k < n; ++k) {
       w.col(k).head(count) = ((w.col(k).head(count) - maximum) * inverse_temperature).exp();
+      if (k == 0) {
+        total = w.col(0).head(count);
+      } else {
+        total += w.col(k).head(count);
+      }
     }
-    total = w.col(0).head(count);
-    for (Eigen::Index k = 1; k < n; ++k) total += w.col(k).head(count);
-    for (Eigen::Index k = 0; k < n; ++k) w.col(k).head(count) /= total;
+    total = total.inverse();
+    for (Eigen::Index k = 0; k < n; ++k) w.col(k).head(count) *= total;
   }
 
   CombinationRuleParams params_;

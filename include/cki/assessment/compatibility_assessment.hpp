@@ -114,6 +114,11 @@ class CompatibilityAssessment {
   /// Throws std::invalid_argument when the parts cannot combine `n_models`.
   void check(std::size_t n_models) const { rule_.check(n_models); }
 
+  /// True when the local uncertainty needs blocks of whole rows of the last
+  /// dimension for this tensor (an assessment map; any local functor without
+  /// `needs_whole_rows`).
+  bool needs_whole_rows(const TensorContext& context) const { return detail::needs_whole_rows(local_, context); }
+
   nlohmann::json parameters() const {
     nlohmann::json out = nlohmann::json::object();
     for (const auto& part : {detail::parameters_of(info_), detail::parameters_of(global_),

@@ -1,17 +1,21 @@
 // Information content of a tensor: entropy of its histogram of values.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "cki/errors.hpp"
 #include "cki/tensor.hpp"
+#include "cki/detail/kernels.hpp"
 #include "cki/detail/parallel.hpp"
 
 namespace cki {
@@ -59,6 +63,75 @@ template <typename Scalar>
   throw NumericError(message);
 }
 
+/// The bin formula of the information content over [lowest, highest] with
+/// `bins` bins, j = min(B - 1, floor((x - lowest) / (highest - lowest) * B))
+/// evaluated in double, and the values where it steps from one bin to the
+/// next. Requires lowest < highest, both finite.
+template <typename Scalar>
+class BinFormula {
+ public:
+  BinFormula(Scalar lowest, Scalar highest, int bins)
+      : lowest_(lowest),
+        highest_(highest),
+        low_(static_cast<double>(lowest)),
+        range_(static_cast<double>(highest) - low_),
+        bins_(bins) {}
+
+  /// Returns the bin of `x`, which must lie in [lowest, highest].
+  std::int64_t bin(Scalar x) const {
+    const double position = (static_cast<double>(x) - low_) / range_ * bins_;
+    return std::min<std::int64_t>(bins_ - 1, static_cast<std::int64_t>(position));
+  }
+
+  /// Returns t_0 .. t_{B-1}, where t_j is the smallest Scalar value in
+  /// [lowest, highest] whose bin is j or more (t_0 = lowest). Every rounding
+  /// step of bin() is monotonic, so bin(x) >= j exactly when x >= t_j. Each
+  /// t_j is found by bisection over the values between lowest and highest in
+  /// the order of their bit patterns, which bin(highest) = B - 1 bounds.
+  std::vector<Scalar> thresholds() const {
+    std::vector<Scalar> out(static_cast<std::size_t>(bins_), lowest_);
+    for (int j = 1; j < bins_; ++j) {
+      // Invariant: bin(below) < j <= bin(at).
+      Key below = key_of(lowest_);
+      Key at = key_of(highest_);
+      while (at - below > 1) {
+        const Key middle = below + (at - below) / 2;
+        if (bin(value_of(middle)) >= j) {
+          at = middle;
+        } else {
+          below = middle;
+        }
+      }
+      out[static_cast<std::size_t>(j)] = value_of(at);
+    }
+    return out;
+  }
+
+ private:
+  using Key = std::conditional_t<sizeof(Scalar) == 4, std::uint32_t, std::uint64_t>;
+  static constexpr Key kSign = Key{1} << (8 * sizeof(Key) - 1);
+
+  // Maps a non-NaN value to an unsigned key in the same order (-0 just below +0).
+  static Key key_of(Scalar value) {
+    Key bits;
+    std::memcpy(&bits, &value, sizeof bits);
+    return (bits & kSign) != 0 ? ~bits : bits | kSign;
+  }
+
+  static Scalar value_of(Key key) {
+    const Key bits = (key & kSign) != 0 ? key & ~kSign : ~key;
+    Scalar value;
+    std::memcpy(&value, &bits, sizeof value);
+    return value;
+  }
+
+  Scalar lowest_;
+  Scalar highest_;
+  double low_;
+  double range_;
+  int bins_;
+};
+
 /// Index of the first non-finite element of `tensor`, or -1 when all are
 /// finite. Runs over fixed blocks in parallel.
 template <typename Scalar>
@@ -71,7 +144,9 @@ std::int64_t first_non_finite(const TensorView<Scalar>& tensor, int threads = 0)
         const std::int64_t begin = plan.begin(block);
         const std::int64_t count = plan.end(block) - begin;
         Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>> values(tensor.data() + begin, count);
-        if (values.allFinite()) return;
+        // x * 0 is NaN for NaN and infinite x and zero otherwise, so one
+        // vectorised sum tests the whole block (allFinite() is a scalar loop).
+        if (!std::isnan((values * Scalar(0)).sum())) return;
         for (std::int64_t i = 0; i < count; ++i) {
           if (!std::isfinite(values[i])) {
             first[static_cast<std::size_t>(block)] = begin + i;
@@ -113,9 +188,10 @@ class InformationContent {
     const detail::BlockPlan plan(tensor.size(), 1);
     const auto block_count = static_cast<std::size_t>(plan.block_count);
 
-    // Pass 1: minimum, maximum and the first non-finite element of each block.
+    // Pass 1: minimum and maximum of each block. Both propagate NaN, so a
+    // block contains a NaN or infinite element exactly when one of them is
+    // not finite. The first such block contains the first bad element.
     std::vector<Scalar> block_min(block_count), block_max(block_count);
-    std::vector<std::int64_t> block_bad(block_count, -1);
     detail::for_each_block(
         plan.block_count, threads, [](int) {},
         [&](std::int64_t block, int) {
@@ -123,19 +199,15 @@ class InformationContent {
           const std::int64_t count = plan.end(block) - begin;
           Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>> values(tensor.data() + begin, count);
           const auto b = static_cast<std::size_t>(block);
-          if (!values.allFinite()) {
-            for (std::int64_t i = 0; i < count; ++i) {
-              if (!std::isfinite(values[i])) {
-                block_bad[b] = begin + i;
-                return;
-              }
-            }
-          }
-          block_min[b] = values.minCoeff();
-          block_max[b] = values.maxCoeff();
+          block_min[b] = values.template minCoeff<Eigen::PropagateNaN>();
+          block_max[b] = values.template maxCoeff<Eigen::PropagateNaN>();
         });
-    for (std::int64_t index : block_bad) {
-      if (index >= 0) detail::throw_non_finite(name, "", tensor, index);
+    for (std::size_t b = 0; b < block_count; ++b) {
+      if (std::isfinite(block_min[b]) && std::isfinite(block_max[b])) continue;
+      const auto block = static_cast<std::int64_t>(b);
+      for (std::int64_t i = plan.begin(block); i < plan.end(block); ++i) {
+        if (!std::isfinite(tensor[i])) detail::throw_non_finite(name, "", tensor, i);
+      }
     }
     Scalar lowest = block_min[0];
     Scalar highest = block_max[0];
@@ -148,20 +220,37 @@ class InformationContent {
     // Pass 2: histogram counts per block, added in block order (integers, so
     // the order does not change the result).
     const int bins = params_.bins;
-    const double low = static_cast<double>(lowest);
-    const double range = static_cast<double>(highest) - low;
+    const detail::BinFormula<Scalar> formula(lowest, highest, bins);
     std::vector<std::int64_t> counts(block_count * static_cast<std::size_t>(bins), 0);
-    detail::for_each_block(
-        plan.block_count, threads, [](int) {},
-        [&](std::int64_t block, int) {
-          const std::int64_t begin = plan.begin(block);
-          std::int64_t* histogram = counts.data() + static_cast<std::size_t>(block) * bins;
-          for (std::int64_t i = begin; i < plan.end(block); ++i) {
-            const double position = (static_cast<double>(tensor[i]) - low) / range * bins;
-            const auto bin = std::min<std::int64_t>(bins - 1, static_cast<std::int64_t>(position));
-            ++histogram[bin];
-          }
-        });
+    if (bins <= kMaxThresholdBins) {
+      // The bin is a non-decreasing function of x, so bin(x) >= j exactly
+      // when x >= t_j, the smallest value whose bin is j or more. Counting
+      // x >= t_j for each j is a vector compare per element and threshold,
+      // and gives the same counts as evaluating the formula per element.
+      const std::vector<Scalar> thresholds = formula.thresholds();
+      detail::for_each_block(
+          plan.block_count, threads, [](int) {},
+          [&](std::int64_t block, int) {
+            const std::int64_t begin = plan.begin(block);
+            const std::int64_t count = plan.end(block) - begin;
+            std::int64_t* histogram = counts.data() + static_cast<std::size_t>(block) * bins;
+            std::int64_t above = count;  // elements in bin j - 1 or higher
+            for (int j = 1; j < bins; ++j) {
+              const std::int64_t at_least = detail::count_at_least(tensor.data() + begin, count, thresholds[j]);
+              histogram[j - 1] = above - at_least;
+              above = at_least;
+            }
+            histogram[bins - 1] = above;
+          });
+    } else {
+      detail::for_each_block(
+          plan.block_count, threads, [](int) {},
+          [&](std::int64_t block, int) {
+            const std::int64_t begin = plan.begin(block);
+            std::int64_t* histogram = counts.data() + static_cast<std::size_t>(block) * bins;
+            for (std::int64_t i = begin; i < plan.end(block); ++i) ++histogram[formula.bin(tensor[i])];
+          });
+    }
 
     // Entropy of the bin shares, skipping empty bins.
     double entropy = 0.0;
@@ -177,6 +266,11 @@ class InformationContent {
   }
 
  private:
+  // Up to this many bins, pass 2 counts the elements at or above each bin's
+  // lower threshold, which costs B - 1 vector compares per element. Beyond
+  // it, evaluating the formula per element is cheaper.
+  static constexpr int kMaxThresholdBins = 32;
+
   InformationContentParams params_;
 };
 

@@ -123,18 +123,33 @@ class LocalUncertainty {
     for (const auto& map : *maps) map.check(last_dim(context.shape), context.name);
   }
 
+  /// True when tensor `name` has an assessment map, which acts along whole
+  /// rows of the last dimension, so blocks must hold whole rows. Without a
+  /// map every element is independent and blocks may split rows.
+  bool needs_whole_rows(const TensorContext& context) const { return maps_for(context.name) != nullptr; }
+
   /// Writes l for the first `count` elements of the block into `l`.
   void operator()(const TensorContext& context, const Scalar* const* block, std::int64_t count,
                   BlockArray<Scalar>& l, BlockArray<Scalar>& scratch) const {
     using Column = Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
     const auto n = static_cast<Eigen::Index>(context.model_count());
 
+    const auto* maps = maps_for(context.name);
+    const auto scale = static_cast<Scalar>(params_.scale);
+
     // Leave-one-out deviation. At N = 2 both models see |theta_1 - theta_2|
-    // exactly; for more models the mean of the others comes from one running sum.
+    // exactly; for more models the mean of the others comes from one running
+    // sum. Without a map the logistic is applied in the same pass, which
+    // evaluates the same operations as the separate passes below.
     if (n == 1) {
       l.col(0).head(count).setZero();
     } else if (n == 2) {
-      l.col(0).head(count) = (Column(block[0], count) - Column(block[1], count)).abs();
+      const auto deviation = (Column(block[0], count) - Column(block[1], count)).abs();
+      if (maps == nullptr) {
+        l.col(0).head(count) = (deviation * scale).logistic();
+      } else {
+        l.col(0).head(count) = deviation;
+      }
       l.col(1).head(count) = l.col(0).head(count);
     } else {
       auto sum = scratch.col(0).head(count);
@@ -143,22 +158,24 @@ class LocalUncertainty {
       const Scalar inverse_others = Scalar(1) / static_cast<Scalar>(n - 1);
       for (Eigen::Index k = 0; k < n; ++k) {
         const Column theta(block[k], count);
-        l.col(k).head(count) = (theta - (sum - theta) * inverse_others).abs();
+        const auto deviation = (theta - (sum - theta) * inverse_others).abs();
+        if (maps == nullptr) {
+          l.col(k).head(count) = (deviation * scale).logistic();
+        } else {
+          l.col(k).head(count) = deviation;
+        }
       }
     }
+    if (maps == nullptr && n > 1) return;
 
-    // Optional assessment map along the last dimension.
-    if (const auto* maps = maps_for(context.name)) {
-      const std::int64_t dim = last_dim(context.shape);
-      for (Eigen::Index k = 0; k < n; ++k) {
+    // Assessment map along the last dimension, when set, then the logistic
+    // of the scaled value.
+    const std::int64_t dim = last_dim(context.shape);
+    for (Eigen::Index k = 0; k < n; ++k) {
+      if (maps != nullptr) {
         const auto& map = maps->size() == 1 ? maps->front() : (*maps)[context.order[k]];
         apply_map(map, dim, count, l.col(k).data(), scratch.col(0).data());
       }
-    }
-
-    // Logistic of the scaled value.
-    const auto scale = static_cast<Scalar>(params_.scale);
-    for (Eigen::Index k = 0; k < n; ++k) {
       l.col(k).head(count) = (l.col(k).head(count) * scale).logistic();
     }
   }

@@ -56,6 +56,25 @@ struct is_combination_rule<
                     std::declval<BlockArray<Scalar>&>()))>> : std::true_type {};
 
 template <typename T, typename = void>
+struct has_needs_whole_rows : std::false_type {};
+template <typename T>
+struct has_needs_whole_rows<
+    T, std::void_t<decltype(bool(std::declval<const T&>().needs_whole_rows(std::declval<const TensorContext&>())))>>
+    : std::true_type {};
+
+/// The functor's `needs_whole_rows(context)`, or true when it has none: a
+/// functor that does not say otherwise gets blocks of whole rows of the
+/// last dimension.
+template <typename T>
+bool needs_whole_rows(const T& functor, const TensorContext& context) {
+  if constexpr (has_needs_whole_rows<T>::value) {
+    return functor.needs_whole_rows(context);
+  } else {
+    return true;
+  }
+}
+
+template <typename T, typename = void>
 struct has_parameters : std::false_type {};
 template <typename T>
 struct has_parameters<T, std::void_t<decltype(std::declval<const T&>().parameters())>>

@@ -40,8 +40,10 @@ class AnyPolicy {
   nlohmann::json parameters() const { return get().parameters(); }
   void check(std::size_t n_models) const { get().check(n_models); }
   bool checks_finite() const { return get().checks_finite(); }
-  std::vector<ModelTensorStats> merge(const TensorContext& context,
-                                      const std::vector<TensorView<Scalar>>& models, Scalar* out) const {
+  /// Returns the held policy's stats and notes; the result converts to the
+  /// stats vector alone.
+  TensorMergeResult merge(const TensorContext& context, const std::vector<TensorView<Scalar>>& models,
+                          Scalar* out) const {
     return get().merge(context, models, out);
   }
 
@@ -52,9 +54,8 @@ class AnyPolicy {
     virtual nlohmann::json parameters() const = 0;
     virtual void check(std::size_t n_models) const = 0;
     virtual bool checks_finite() const = 0;
-    virtual std::vector<ModelTensorStats> merge(const TensorContext& context,
-                                                const std::vector<TensorView<Scalar>>& models,
-                                                Scalar* out) const = 0;
+    virtual TensorMergeResult merge(const TensorContext& context, const std::vector<TensorView<Scalar>>& models,
+                                    Scalar* out) const = 0;
   };
 
   template <typename Policy>
@@ -64,9 +65,8 @@ class AnyPolicy {
     nlohmann::json parameters() const override { return policy.parameters(); }
     void check(std::size_t n_models) const override { policy.check(n_models); }
     bool checks_finite() const override { return detail::policy_checks_finite(policy); }
-    std::vector<ModelTensorStats> merge(const TensorContext& context,
-                                        const std::vector<TensorView<Scalar>>& models,
-                                        Scalar* out) const override {
+    TensorMergeResult merge(const TensorContext& context, const std::vector<TensorView<Scalar>>& models,
+                            Scalar* out) const override {
       return policy.merge(context, models, out);
     }
     Policy policy;

@@ -1,6 +1,7 @@
 // Splicing policies: hard and soft splicing composed with an assessment.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -11,7 +12,9 @@
 
 #include "cki/assessment/compatibility_assessment.hpp"
 #include "cki/assessment/context.hpp"
+#include "cki/detail/kernels.hpp"
 #include "cki/detail/parallel.hpp"
+#include "cki/detail/traits.hpp"
 #include "cki/splicing/report.hpp"
 #include "cki/tensor.hpp"
 
@@ -31,9 +34,7 @@ struct SoftSplice {
     Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>> merged(out, count);
     merged = w.col(0).head(count) * Column(block[0], count);
     for (Eigen::Index k = 1; k < n; ++k) merged += w.col(k).head(count) * Column(block[k], count);
-    for (Eigen::Index k = 0; k < n; ++k) {
-      weight_sums[k] += w.col(k).head(count).template cast<double>().sum();
-    }
+    for (Eigen::Index k = 0; k < n; ++k) weight_sums[k] += detail::sum_as_double(w.col(k).data(), count);
   }
 };
 
@@ -48,21 +49,38 @@ struct HardSplice {
   template <typename Scalar>
   static void apply(const BlockArray<Scalar>& w, const Scalar* const* block, std::int64_t count,
                     Eigen::Index n, Scalar* out, double* weight_sums, std::int64_t* hard_counts) {
-    for (std::int64_t i = 0; i < count; ++i) {
-      Eigen::Index best = 0;
-      Scalar best_weight = w(i, 0);
+    // The running argmax visits the models in order and replaces the best
+    // only on a strictly higher weight, so ties keep the lower index. The
+    // branch-free selects below vectorise; the chunk buffers live on the stack.
+    constexpr std::int64_t kChunk = 256;
+    Scalar best_weight[kChunk];
+    Scalar best_model[kChunk];  // model index, exact in Scalar
+    for (std::int64_t start = 0; start < count; start += kChunk) {
+      const std::int64_t length = std::min(kChunk, count - start);
+      const Scalar* first_weight = w.col(0).data() + start;
+      const Scalar* first_value = block[0] + start;
+      Scalar* merged = out + start;
+      for (std::int64_t i = 0; i < length; ++i) {
+        best_weight[i] = first_weight[i];
+        best_model[i] = Scalar(0);
+        merged[i] = first_value[i];
+      }
       for (Eigen::Index k = 1; k < n; ++k) {
-        if (w(i, k) > best_weight) {
-          best = k;
-          best_weight = w(i, k);
+        const Scalar* weight = w.col(k).data() + start;
+        const Scalar* value = block[k] + start;
+        const auto model = static_cast<Scalar>(k);
+        for (std::int64_t i = 0; i < length; ++i) {
+          const bool higher = weight[i] > best_weight[i];
+          best_weight[i] = higher ? weight[i] : best_weight[i];
+          best_model[i] = higher ? model : best_model[i];
+          merged[i] = higher ? value[i] : merged[i];
         }
       }
-      out[i] = block[best][i];
-      ++hard_counts[best];
+      for (Eigen::Index k = 0; k < n; ++k) {
+        hard_counts[k] += detail::count_equal(best_model, length, static_cast<Scalar>(k));
+      }
     }
-    for (Eigen::Index k = 0; k < n; ++k) {
-      weight_sums[k] += w.col(k).head(count).template cast<double>().sum();
-    }
+    for (Eigen::Index k = 0; k < n; ++k) weight_sums[k] += detail::sum_as_double(w.col(k).data(), count);
   }
 };
 
@@ -76,7 +94,8 @@ struct HardSplice {
 /// - `std::vector<ModelTensorStats> merge(const TensorContext&, const
 ///   std::vector<TensorView<Scalar>>& models, Scalar* out) const`, with the
 ///   models base first and `out` holding room for one tensor; returns stats
-///   base first;
+///   base first. A policy with report notes returns TensorMergeResult
+///   (stats and notes) instead;
 /// - optionally `bool checks_finite() const`, true when `merge` itself
 ///   throws NumericError for non-finite inputs, so splice_tensor need not scan.
 /// \tparam Scalar compute scalar, float or double.
@@ -115,7 +134,9 @@ class SplicingPolicy {
 
     // Local level and splicing, block by block; per-block sums are added in
     // block order afterwards so the report does not depend on threads.
-    const detail::BlockPlan plan(numel, last_dim(context.shape));
+    // Blocks split rows unless the assessment maps along the last dimension.
+    const std::int64_t row_length = detail::needs_whole_rows(assessment_, context) ? last_dim(context.shape) : 1;
+    const detail::BlockPlan plan(numel, row_length);
     const std::int64_t capacity = plan.rows_per_block * plan.row_length;
     const auto blocks = static_cast<std::size_t>(plan.block_count);
     std::vector<double> weight_sums(blocks * static_cast<std::size_t>(n), 0.0);

@@ -2,8 +2,10 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -26,6 +28,27 @@ struct ModelTensorStats {
   std::optional<double> hard_share;
 };
 
+/// Result of a policy's `merge` for one tensor: per-model stats (base
+/// first) and optional notes that splice_tensor() copies into
+/// TensorReport::notes. A policy may return this or, when it has no notes,
+/// the stats vector alone, which converts implicitly.
+struct TensorMergeResult {
+  std::vector<ModelTensorStats> models;
+  /// Method-specific notes (fallbacks taken, say); null when there are none.
+  /// Per-model arrays in the notes are in input order, not base first.
+  nlohmann::json notes;
+
+  TensorMergeResult() = default;
+  TensorMergeResult(std::vector<ModelTensorStats> stats)  // NOLINT(google-explicit-constructor): stats convert implicitly
+      : models(std::move(stats)) {}
+  TensorMergeResult(std::vector<ModelTensorStats> stats, nlohmann::json tensor_notes)
+      : models(std::move(stats)), notes(std::move(tensor_notes)) {}
+
+  /// The stats alone, so code that expects a policy to return the stats
+  /// vector keeps compiling.
+  operator std::vector<ModelTensorStats>() const { return models; }  // NOLINT(google-explicit-constructor)
+};
+
 /// What happened to one tensor.
 struct TensorReport {
   std::string name;
@@ -40,6 +63,9 @@ struct TensorReport {
   std::vector<ModelTensorStats> models;
   /// Method-specific notes (fallbacks taken, say); null when there are none.
   nlohmann::json notes;
+  /// Elements written as the output dtype's largest finite value because
+  /// they lay beyond its range (WriteOptions::clamp); 0 otherwise.
+  std::uint64_t clamped = 0;
 };
 
 /// Report of a whole merge, serialisable to JSON.
@@ -78,6 +104,7 @@ inline nlohmann::json to_json(const TensorReport& tensor) {
   out["shape"] = tensor.shape;
   out["dtype"] = dtype_name(tensor.dtype);
   out["action"] = tensor.spliced ? "spliced" : "copied";
+  if (tensor.clamped > 0) out["clamped"] = tensor.clamped;
   if (!tensor.spliced) {
     out["reason"] = tensor.copy_reason;
     return out;

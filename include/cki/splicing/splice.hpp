@@ -130,7 +130,7 @@ struct is_splicing_policy<
     std::void_t<decltype(std::string(std::declval<const Policy&>().name())),
                 decltype(nlohmann::json(std::declval<const Policy&>().parameters())),
                 decltype(std::declval<const Policy&>().check(std::size_t{})),
-                decltype(std::vector<ModelTensorStats>(std::declval<const Policy&>().merge(
+                decltype(TensorMergeResult(std::declval<const Policy&>().merge(
                     std::declval<const TensorContext&>(), std::declval<const std::vector<TensorView<Scalar>>&>(),
                     std::declval<Scalar*>())))>> : std::true_type {};
 
@@ -173,7 +173,8 @@ TensorReport splice_tensor(const std::string& name, const std::vector<TensorView
                            NanPolicy nan_policy = NanPolicy::error) {
   static_assert(detail::is_splicing_policy<Policy, Scalar>::value,
                 "Policy needs name(), parameters(), check(std::size_t) and merge(const TensorContext&, "
-                "const std::vector<TensorView<Scalar>>&, Scalar*) as documented on SplicingPolicy");
+                "const std::vector<TensorView<Scalar>>&, Scalar*) returning std::vector<ModelTensorStats> or "
+                "TensorMergeResult, as documented on SplicingPolicy");
   if (models.empty()) throw std::invalid_argument("tensor '" + name + "': no models given");
   if (base >= models.size()) {
     throw std::invalid_argument("'base' must be in [0, " + std::to_string(models.size()) + "), got " +
@@ -239,14 +240,15 @@ TensorReport splice_tensor(const std::string& name, const std::vector<TensorView
   std::vector<TensorView<Scalar>> ordered;
   ordered.reserve(models.size());
   for (std::size_t index : context.order) ordered.push_back(models[index]);
-  std::vector<ModelTensorStats> stats = policy.merge(context, ordered, out);
+  TensorMergeResult result = policy.merge(context, ordered, out);
 
   // Back to input order for the report.
   report.spliced = true;
   report.models.resize(models.size());
-  for (std::size_t i = 0; i < stats.size() && i < models.size(); ++i) {
-    report.models[context.order[i]] = stats[i];
+  for (std::size_t i = 0; i < result.models.size() && i < models.size(); ++i) {
+    report.models[context.order[i]] = result.models[i];
   }
+  report.notes = std::move(result.notes);
   return report;
 }
 

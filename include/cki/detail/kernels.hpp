@@ -1,0 +1,62 @@
+// Element loops written so that compilers vectorise them while the result
+// stays independent of the vector width: sums in a fixed order, exact counts.
+#pragma once
+
+#include <cstdint>
+
+namespace cki::detail {
+
+/// Number of independent partial results the loops below keep: enough
+/// vector registers of the widest vector unit (AVX-512: 16 floats or 8
+/// doubles) to hide the latency of an addition.
+inline constexpr int kLanes = 64;
+
+/// Returns the sum of `count` values in double precision. The values are
+/// added into kLanes partial sums by position modulo kLanes, and the partial
+/// sums are added in index order, so the result depends only on the values,
+/// never on the vector width or the thread count. Compilers turn the inner
+/// loop into vector conversions and additions; a plain running sum would not
+/// vectorise, because floating-point addition is not associative.
+template <typename Scalar>
+double sum_as_double(const Scalar* values, std::int64_t count) {
+  double partial[kLanes] = {};
+  const std::int64_t whole = count - count % kLanes;
+  for (std::int64_t i = 0; i < whole; i += kLanes) {
+    for (int lane = 0; lane < kLanes; ++lane) partial[lane] += static_cast<double>(values[i + lane]);
+  }
+  for (std::int64_t i = whole; i < count; ++i) partial[i - whole] += static_cast<double>(values[i]);
+  double total = 0.0;
+  for (double value : partial) total += value;
+  return total;
+}
+
+/// Returns how many of `count` values satisfy `predicate`, which the loop
+/// evaluates on every element. The per-lane tallies keep the vectorised loop
+/// on the elements, where a caller's loop around this call might otherwise
+/// be vectorised instead. `count` must be below 2^31 (32-bit tallies).
+template <typename Scalar, typename Predicate>
+std::int64_t count_if(const Scalar* values, std::int64_t count, Predicate predicate) {
+  std::int32_t tally[kLanes] = {};
+  const std::int64_t whole = count - count % kLanes;
+  for (std::int64_t i = 0; i < whole; i += kLanes) {
+    for (int lane = 0; lane < kLanes; ++lane) tally[lane] += predicate(values[i + lane]) ? 1 : 0;
+  }
+  std::int64_t total = 0;
+  for (std::int64_t i = whole; i < count; ++i) total += predicate(values[i]) ? 1 : 0;
+  for (std::int32_t value : tally) total += value;
+  return total;
+}
+
+/// Returns how many of `count` values are >= `threshold`; `count` < 2^31.
+template <typename Scalar>
+std::int64_t count_at_least(const Scalar* values, std::int64_t count, Scalar threshold) {
+  return count_if(values, count, [threshold](Scalar value) { return value >= threshold; });
+}
+
+/// Returns how many of `count` values equal `target`; `count` < 2^31.
+template <typename Scalar>
+std::int64_t count_equal(const Scalar* values, std::int64_t count, Scalar target) {
+  return count_if(values, count, [target](Scalar value) { return value == target; });
+}
+
+}  // namespace cki::detail
