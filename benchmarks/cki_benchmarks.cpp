@@ -174,8 +174,8 @@ Clock copy_time(Workload& work, int threads) {
 }
 
 /// Runs `method` in the benchmark loop and reports its time as a ratio to
-/// the reference copy of the same workload: `ratio` from wall times and,
-/// at one thread, `ratio_cpu` from the CPU time of the one working thread,
+/// the reference copy of the same workload. `ratio` compares wall times. At
+/// one thread, `ratio_cpu` compares the CPU times of the working thread,
 /// which time slices lost to other processes on a shared machine do not
 /// inflate.
 void run_against_copy(benchmark::State& state, Workload& work, int threads, const std::function<void()>& method) {
@@ -230,11 +230,11 @@ void run_policy(benchmark::State& state, Workload& work, int threads, const Poli
   });
 }
 
-/// The stages of CKI's element loop on one block of kBlockElements
-/// elements of N models that stays in cache, in ns per element (all N
-/// models): what each stage costs when memory is not the limit. Eigen's
-/// vectorised exp and logistic on one column give the cost of the
-/// transcendental functions the stages are built from.
+/// Times one stage of CKI's element loop on a block of kBlockElements
+/// elements of N models that stays in cache, in ns of CPU time per element
+/// (all N models): what the stage costs when memory is not the limit. The
+/// stages "eigen_exp" and "eigen_logistic" time Eigen's vectorised exp and
+/// logistic on one column, the functions the other stages are built from.
 void run_block_stages(benchmark::State& state, int models, const std::string& stage) {
   const std::int64_t count = cki::detail::kBlockElements;
   std::vector<std::vector<float>> inputs(static_cast<std::size_t>(models), std::vector<float>(count));
