@@ -387,6 +387,9 @@ TEST_CASE("cki params check every field", "[params]") {
   params = {};
   params.temperature = -1;
   CHECK_THROWS_WITH(params.check(), Contains("'temperature' must be in (0, 1e6], got -1"));
+  params = {};
+  params.a = -2.5e-9;  // small values keep their digits in the message
+  CHECK_THROWS_WITH(params.check(), Contains("'a' must be in (0, 1), got -2.5e-09"));
 }
 
 // A user functor: global weights that ignore the entropies.

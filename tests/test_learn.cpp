@@ -485,6 +485,14 @@ TEST_CASE("Adam defaults and parameter checks", "[learn][adam]") {
   bad = {};
   bad.epsilon = 0.0;
   CHECK_THROWS_WITH(bad.check(), Contains("'epsilon'"));
+
+  // Small values keep their digits in the message.
+  bad = {};
+  bad.learning_rate = -1e-7;
+  CHECK_THROWS_WITH(bad.check(), "'learning_rate' must be in (0, 1e3], got -1e-07");
+  bad = {};
+  bad.beta1 = -2.5e-9;
+  CHECK_THROWS_WITH(bad.check(), "'beta1' must be in [0, 1), got -2.5e-09");
 }
 
 TEST_CASE("Adam first step moves by the learning rate", "[learn][adam]") {
@@ -505,6 +513,22 @@ TEST_CASE("Adam first step moves by the learning rate", "[learn][adam]") {
   adam.reset();
   CHECK(adam.step_count() == 0);
   CHECK_NOTHROW(adam.step(other, Eigen::VectorXd::Zero(2).eval()));
+}
+
+TEST_CASE("Adam bias correction at step two", "[learn][adam]") {
+  // Gradients 4 then 2 on one parameter with the default parameters:
+  // m = 0.9 * 0.4 + 0.1 * 2 = 0.56 and v = 0.999 * 0.016 + 0.001 * 4 =
+  // 0.019984, corrected by 1 - 0.9^2 and 1 - 0.999^2.
+  cki::Adam<double> adam;
+  Eigen::VectorXd values = Eigen::VectorXd::Zero(1);
+  adam.step(values, Eigen::VectorXd::Constant(1, 4.0));
+  const double after_first = values[0];
+  adam.step(values, Eigen::VectorXd::Constant(1, 2.0));
+  const double first_moment = 0.56 / (1.0 - 0.81);
+  const double second_moment = 0.019984 / (1.0 - 0.998001);
+  const double expected_step = 1e-3 * first_moment / (std::sqrt(second_moment) + 1e-8);
+  CHECK(adam.step_count() == 2);
+  CHECK(after_first - values[0] == Approx(expected_step).epsilon(1e-9));
 }
 
 TEST_CASE("Adam minimises a quadratic", "[learn][adam]") {

@@ -207,6 +207,21 @@ TEMPLATE_TEST_CASE("ties disjoint weighted mean", "[merge][ties]", float, double
   CHECK(merged[0] == Approx(4.5));
 }
 
+TEMPLATE_TEST_CASE("ties weights follow input order", "[merge][ties]", float, double) {
+  // The base is model 2. Deltas: model 1 (1, 2) with weight 1, model 3
+  // (-1, 4) with weight 3. The base's weight 5 is ignored.
+  const Inputs<TestType> inputs({2}, {{11, 12}, {10, 10}, {9, 14}});
+  cki::TiesParams params;
+  params.density = 1;
+  params.weights = {1, 5, 3};
+  const auto merged = merge_tensor(cki::TiesPolicy<TestType>(params), inputs, /*base=*/1);
+  INFO("element 0: 1 * 1 + 3 * (-1) < 0 elects -, so only model 3's -1 counts");
+  CHECK(merged[0] == Approx(9.0));
+  INFO("element 1: 10 + (1 * 2 + 3 * 4) / (1 + 3)");
+  CHECK(merged[1] == Approx(13.5));
+  CHECK(merged.report.notes["kept"] == nlohmann::json({2, nullptr, 2}));
+}
+
 TEMPLATE_TEST_CASE("ties density 1 keeps every delta", "[merge][ties]", float, double) {
   const Inputs<TestType> inputs({4}, {{0, 0, 0, 0}, {0.5, -3, 1, 2}, {-1, 2, 4, 0.1}});
   cki::TiesParams params;
@@ -524,6 +539,40 @@ TEMPLATE_TEST_CASE("dare matches the counter generator", "[merge][dare]", float,
   CHECK(merged.report.notes["kept"][1] == kept_first);
 }
 
+TEMPLATE_TEST_CASE("dare draws keyed by input index", "[merge][dare]", float, double) {
+  // The base is model 2, so the fine-tunes' input indices (0 and 2) differ
+  // from their positions after the base (1 and 2).
+  const std::int64_t numel = 64;
+  auto models = random_models<TestType>(3, numel, 13);
+  const Inputs<TestType> inputs({numel}, models);
+  cki::DareParams params;
+  params.drop_rate = 0.5;
+  params.seed = 42;
+  params.weights = {0.5, 7, 1};
+  const auto merged = merge_tensor(cki::DarePolicy<TestType>(params), inputs, /*base=*/1, 1, "dense.weight");
+
+  const cki::CounterGenerator first(42, 0, "dense.weight");
+  const cki::CounterGenerator third(42, 2, "dense.weight");
+  std::int64_t kept_first = 0;
+  std::int64_t kept_third = 0;
+  for (std::int64_t i = 0; i < numel; ++i) {
+    const auto index = static_cast<std::size_t>(i);
+    const double base = static_cast<TestType>(models[1][index]);
+    const double delta1 = static_cast<TestType>(models[0][index]) - base;
+    const double delta3 = static_cast<TestType>(models[2][index]) - base;
+    const bool keep1 = first.uniform(i) >= 0.5;
+    const bool keep3 = third.uniform(i) >= 0.5;
+    kept_first += keep1 ? 1 : 0;
+    kept_third += keep3 ? 1 : 0;
+    const double expected = base + 0.5 * (keep1 ? 2 * delta1 : 0.0) + 1.0 * (keep3 ? 2 * delta3 : 0.0);
+    INFO("element " << i);
+    CHECK(merged[index] == Approx(expected).margin(1e-6));
+  }
+  CHECK(merged.report.notes["kept"][0] == kept_first);
+  CHECK(merged.report.notes["kept"][1] == nullptr);
+  CHECK(merged.report.notes["kept"][2] == kept_third);
+}
+
 TEMPLATE_TEST_CASE("dare bit-identical for 1 and 2 threads", "[merge][dare]", float, double) {
   const Inputs<TestType> inputs({100, 500}, random_models<TestType>(3, 50000, 3));
   cki::DareParams params;
@@ -620,6 +669,32 @@ TEST_CASE("counter generator depends on every key", "[merge][dare]") {
     CHECK(u >= 0.0);
     CHECK(u < 1.0);
   }
+}
+
+TEST_CASE("counter generator published test vectors", "[merge][dare]") {
+  // SplitMix64 seeded with 1234567: the first five outputs as published on
+  // Rosetta Code ("Pseudo-random numbers/Splitmix64"). Output i is
+  // mix64(seed + i * 0x9E3779B97F4A7C15).
+  const std::uint64_t splitmix[] = {6457827717110365317ULL, 3203168211198807973ULL, 9817491932198370423ULL,
+                                    4593380528125082431ULL, 16408922859458223821ULL};
+  for (std::uint64_t i = 1; i <= 5; ++i) {
+    INFO("output " << i);
+    CHECK(cki::detail::mix64(1234567ULL + i * cki::detail::kSplitMixIncrement) == splitmix[i - 1]);
+  }
+
+  // FNV-1a, 64 bits: the offset basis and the published hashes of "a" and "foobar".
+  CHECK(cki::detail::fnv1a64("") == 0xCBF29CE484222325ULL);
+  CHECK(cki::detail::fnv1a64("a") == 0xAF63DC4C8601EC8CULL);
+  CHECK(cki::detail::fnv1a64("foobar") == 0x85944171F73967E8ULL);
+
+  // A draw composed from those pieces as documented: the key mixes the
+  // seed, then (model index + 1) times the increment, then the name's hash,
+  // and draw i is the (i + 1)-th SplitMix64 output from the key.
+  const std::uint64_t increment = cki::detail::kSplitMixIncrement;
+  std::uint64_t key = cki::detail::mix64(9 + increment);
+  key = cki::detail::mix64(key ^ (3 + 1) * increment);
+  key = cki::detail::mix64(key ^ 0x85944171F73967E8ULL);
+  CHECK(cki::CounterGenerator(9, 3, "foobar").bits(5) == cki::detail::mix64(key + 6 * increment));
 }
 
 TEST_CASE("counter generator integer threshold", "[merge][dare]") {
@@ -743,6 +818,25 @@ TEMPLATE_TEST_CASE("model stock zero delta falls back", "[merge][model-stock]", 
   CHECK_THAT(merged.report.notes["fallback"].template get<std::string>(), Contains("delta of model 2 is zero"));
   CHECK(merged[0] == Approx(2.0));
   CHECK(merged[1] == Approx(3.0));
+}
+
+TEMPLATE_TEST_CASE("model stock with another base", "[merge][model-stock]", float, double) {
+  // The hand-derived case above with the base as model 3.
+  const Inputs<TestType> inputs({2}, {{2, 1}, {2, 2}, {1, 1}});
+  const auto merged = merge_tensor(cki::ModelStockPolicy<TestType>(), inputs, /*base=*/2);
+  const double cosine = 1.0 / std::sqrt(2.0);
+  const double t = 2 * cosine / (1 + cosine);
+  CHECK(merged[0] == Approx(t * 2.0 + (1 - t) * 1.0));
+  CHECK(merged[1] == Approx(t * 1.5 + (1 - t) * 1.0));
+  CHECK(*merged.report.models[2].mean_weight == Approx(1 - t));
+  CHECK(*merged.report.models[0].mean_weight == Approx(t / 2));
+
+  const Inputs<TestType> zero({2}, {{1, 1}, {3, 5}, {1, 1}});
+  const auto fallback = merge_tensor(cki::ModelStockPolicy<TestType>(), zero, /*base=*/2);
+  INFO(fallback.report.notes.dump());
+  CHECK_THAT(fallback.report.notes["fallback"].template get<std::string>(), Contains("delta of model 1 is zero"));
+  CHECK(fallback[0] == Approx(2.0));
+  CHECK(fallback[1] == Approx(3.0));
 }
 
 TEMPLATE_TEST_CASE("model stock three fine-tunes", "[merge][model-stock]", float, double) {

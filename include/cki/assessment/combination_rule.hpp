@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cki/assessment/context.hpp"
+#include "cki/detail/format.hpp"
 
 namespace cki {
 
@@ -55,7 +56,7 @@ struct CombinationRuleParams {
   /// Throws std::invalid_argument naming the field when it is out of range.
   void check() const {
     if (!(temperature > 0.0 && temperature <= 1e6)) {
-      throw std::invalid_argument("'temperature' must be in (0, 1e6], got " + std::to_string(temperature));
+      detail::throw_out_of_range("temperature", "in (0, 1e6]", temperature);
     }
   }
 

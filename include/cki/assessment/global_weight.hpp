@@ -8,6 +8,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "cki/detail/format.hpp"
+
 namespace cki {
 
 /// Parameters of the global weight.
@@ -21,10 +23,10 @@ struct GlobalWeightParams {
   /// Throws std::invalid_argument naming the field when it is out of range.
   void check() const {
     if (!(a > 0.0 && a < 1.0)) {
-      throw std::invalid_argument("'a' must be in (0, 1), got " + std::to_string(a));
+      detail::throw_out_of_range("a", "in (0, 1)", a);
     }
     if (!(c > 0.0 && c <= 1e12)) {
-      throw std::invalid_argument("'c' must be in (0, 1e12], got " + std::to_string(c));
+      detail::throw_out_of_range("c", "in (0, 1e12]", c);
     }
   }
 

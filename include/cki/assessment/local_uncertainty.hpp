@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cki/assessment/context.hpp"
+#include "cki/detail/format.hpp"
 #include "cki/tensor.hpp"
 
 namespace cki {
@@ -24,7 +25,7 @@ struct LocalUncertaintyParams {
   /// Throws std::invalid_argument naming the field when it is out of range.
   void check() const {
     if (!(scale > 0.0 && scale <= 1e6)) {
-      throw std::invalid_argument("'scale' must be in (0, 1e6], got " + std::to_string(scale));
+      detail::throw_out_of_range("scale", "in (0, 1e6]", scale);
     }
   }
 

@@ -10,6 +10,8 @@
 #include <Eigen/Core>
 #include <nlohmann/json.hpp>
 
+#include "cki/detail/format.hpp"
+
 namespace cki {
 
 /// Parameters of Adam (Kingma and Ba, 2015), with the usual defaults.
@@ -27,17 +29,11 @@ struct AdamParams {
   /// Throws std::invalid_argument naming the first field out of range.
   void check() const {
     if (!(learning_rate > 0.0 && learning_rate <= 1e3)) {
-      throw std::invalid_argument("'learning_rate' must be in (0, 1e3], got " + std::to_string(learning_rate));
+      detail::throw_out_of_range("learning_rate", "in (0, 1e3]", learning_rate);
     }
-    if (!(beta1 >= 0.0 && beta1 < 1.0)) {
-      throw std::invalid_argument("'beta1' must be in [0, 1), got " + std::to_string(beta1));
-    }
-    if (!(beta2 >= 0.0 && beta2 < 1.0)) {
-      throw std::invalid_argument("'beta2' must be in [0, 1), got " + std::to_string(beta2));
-    }
-    if (!(epsilon > 0.0 && epsilon <= 1.0)) {
-      throw std::invalid_argument("'epsilon' must be in (0, 1], got " + std::to_string(epsilon));
-    }
+    if (!(beta1 >= 0.0 && beta1 < 1.0)) detail::throw_out_of_range("beta1", "in [0, 1)", beta1);
+    if (!(beta2 >= 0.0 && beta2 < 1.0)) detail::throw_out_of_range("beta2", "in [0, 1)", beta2);
+    if (!(epsilon > 0.0 && epsilon <= 1.0)) detail::throw_out_of_range("epsilon", "in (0, 1]", epsilon);
   }
 
   nlohmann::json to_json() const {

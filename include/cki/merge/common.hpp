@@ -14,23 +14,12 @@
 #include <nlohmann/json.hpp>
 
 #include "cki/assessment/context.hpp"
+#include "cki/detail/format.hpp"
 #include "cki/detail/parallel.hpp"
 #include "cki/splicing/report.hpp"
 #include "cki/tensor.hpp"
 
 namespace cki::detail {
-
-/// Formats a parameter value for an error message: "1.5", "1e-07".
-inline std::string format_value(double value) {
-  std::ostringstream text;
-  text << std::setprecision(10) << value;
-  return text.str();
-}
-
-/// Throws std::invalid_argument "'field' must be RANGE, got VALUE".
-[[noreturn]] inline void throw_out_of_range(const std::string& field, const std::string& range, double value) {
-  throw std::invalid_argument("'" + field + "' must be " + range + ", got " + format_value(value));
-}
 
 /// Checks the values of an optional per-model weight list: each finite, and
 /// non-negative unless `allow_negative`. An empty list means equal weights.
