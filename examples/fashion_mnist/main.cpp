@@ -52,7 +52,8 @@ std::filesystem::path make_work_folder() {
 
 /// Compares, in every block and repeat, the test accuracy of the row that
 /// merges through cki-splice with the in-process row of the same parameters.
-/// Writes one line with the outcome to `out` and returns true when all match.
+/// Writes one line with the outcome to `out` and returns true when the
+/// weights agree within rounding.
 bool check_tool_row(const std::vector<fashion_mnist::Block>& blocks,
                     const std::vector<fashion_mnist::Method>& methods, std::ostream& out) {
   const std::size_t tool = fashion_mnist::find_method(methods, "cki_soft_softmax_tool");
@@ -74,7 +75,14 @@ bool check_tool_row(const std::vector<fashion_mnist::Block>& blocks,
       << (mismatched == 0 ? "same test accuracy" : "DIFFERENT test accuracy") << " in "
       << compared - mismatched << " of " << compared << " comparisons; largest weight difference "
       << largest_difference << ".\n";
-  return mismatched == 0;
+
+  // The tool and this program may be built with different vector
+  // instructions (the runner builds this program with -march=native), so
+  // their exp and logistic can round differently by a few units in the last
+  // place. Such differences may flip a borderline test example; a weight
+  // difference above 1e-5 is a real disagreement.
+  constexpr double kRoundingTolerance = 1e-5;
+  return largest_difference <= kRoundingTolerance;
 }
 
 /// Lowers the cost of every option the user did not set, so the whole run
@@ -267,7 +275,8 @@ int main(int argc, char** argv) {
     }
     std::cerr << "done in " << elapsed << " s\n";
     if (!tool_row_matches) {
-      std::cerr << "fashion_mnist: the merge through cki-splice scored differently from the in-process splice\n";
+      std::cerr << "fashion_mnist: the merge through cki-splice differs from the in-process splice by more than "
+                   "rounding (largest weight difference above 1e-5)\n";
       return 1;
     }
   } catch (const std::exception& error) {

@@ -117,6 +117,8 @@ struct ProtocolParams {
     if (!(prune_threshold >= 0)) {
       throw std::invalid_argument("'prune_threshold' must be >= 0, got " + std::to_string(prune_threshold));
     }
+
+    // Budgets of the rows tuned on data and of the Fisher row.
     if (calibration_budget < 1) {
       throw std::invalid_argument("'calibration_budget' must be >= 1, got " + std::to_string(calibration_budget));
     }
@@ -134,6 +136,7 @@ struct ProtocolParams {
     if (fisher_examples < 1) {
       throw std::invalid_argument("'fisher_examples' must be >= 1, got " + std::to_string(fisher_examples));
     }
+
     TrainParams train_params;
     train_params.batch_size = batch_size;
     train_params.optimizer = optimizer;

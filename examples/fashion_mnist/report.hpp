@@ -226,7 +226,14 @@ inline nlohmann::json results_to_json(const std::vector<Block>& blocks, const st
                      {"other_class_share", params.other_class_share},
                      {"repeats", params.repeats},
                      {"seed", params.seed},
-                     {"prune_threshold", params.prune_threshold}};
+                     {"prune_threshold", params.prune_threshold},
+                     {"calibration_budget", params.calibration_budget},
+                     {"learn_epochs", params.learn_epochs},
+                     {"learn_examples", params.learn_examples},
+                     {"learn_batch_size", params.learn_batch_size},
+                     {"learn_temperature", params.learn_temperature},
+                     {"learn_start_temperature", params.learn_start_temperature},
+                     {"fisher_examples", params.fisher_examples}};
 
   nlohmann::json block_list = nlohmann::json::array();
   for (const Block& block : blocks) {
