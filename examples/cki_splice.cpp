@@ -4,10 +4,10 @@
 //
 //   cki-splice [options] MODEL... -o OUT
 //
-// Exit status: 0 on success, 1 on a runtime failure (unreadable or malformed
+// Exit status: 0 on success. 1 on a runtime failure: unreadable or malformed
 // input, mismatched models, non-finite values, output values beyond their
-// dtype, failed write), 2 on a usage error (unknown option, invalid option
-// value, an option the chosen method does not take).
+// dtype, failed write. 2 on a usage error: unknown option, invalid option
+// value, an option the chosen method does not take.
 #include <unistd.h>
 
 #include <cctype>
@@ -117,9 +117,9 @@ struct ToolOptions {
   bool force = false;
   bool quiet = false;
   /// Names of the options given on the command line, such as "--a".
-  std::set<std::string> given;
+  std::set<std::string> given_options;
 
-  bool was_given(const std::string& option) const { return given.count(option) != 0; }
+  bool was_given(const std::string& option) const { return given_options.count(option) != 0; }
 };
 
 cki::RuleKind parse_rule(const std::string& rule) {
@@ -153,9 +153,9 @@ std::vector<std::string> options_of(const std::string& method) {
 
 /// Throws UsageError for `option`, given although `method` does not take it.
 [[noreturn]] void reject_option(const std::string& option, const std::string& method) {
-  const std::vector<std::string> taken = options_of(method);
+  const std::vector<std::string> accepted = options_of(method);
   throw UsageError(option + " does not apply to --method " + method + ", which takes " +
-                   (taken.empty() ? std::string("no method options") : join(taken)));
+                   (accepted.empty() ? std::string("no method options") : join(accepted)));
 }
 
 /// Checks that every method option given applies to the chosen method, and
@@ -177,9 +177,9 @@ void check_method_options(ToolOptions& options) {
     return;
   }
 
-  const std::vector<std::string> taken = options_of(options.method);
+  const std::vector<std::string> accepted = options_of(options.method);
   for (const auto& option : method_specific) {
-    if (options.was_given(option) && std::find(taken.begin(), taken.end(), option) == taken.end()) {
+    if (options.was_given(option) && std::find(accepted.begin(), accepted.end(), option) == accepted.end()) {
       reject_option(option, options.method);
     }
   }
@@ -215,10 +215,12 @@ std::string with_option_names(std::string message) {
 template <typename Scalar>
 void check_against_maps(const ToolOptions& options, const cki::LearnedMaps<Scalar>& maps) {
   const std::string file = "the learned maps file '" + options.assessment_maps + "'";
-  const auto conflict = [&](const std::string& option, const std::string& given, const std::string& stored) {
-    throw UsageError(option + " " + given + " conflicts with " + file + ", which was learned with " + stored +
+  const auto conflict = [&](const std::string& option, const std::string& value, const std::string& stored) {
+    throw UsageError(option + " " + value + " conflicts with " + file + ", which was learned with " + stored +
                      "; leave out " + option + " or give the file's value");
   };
+
+  // Method and CKI parameters.
   const cki::CkiParams& learned = maps.options.params;
   const std::string method = maps.options.hard ? "cki-hard" : "cki-soft";
   const std::string rule = cki::rule_name(learned.rule);
@@ -227,15 +229,17 @@ void check_against_maps(const ToolOptions& options, const cki::LearnedMaps<Scala
   if (options.was_given("--bins") && options.params.bins != learned.bins) {
     conflict("--bins", std::to_string(options.params.bins), std::to_string(learned.bins));
   }
-  const auto check_number = [&](const char* option, double given, double stored) {
-    if (options.was_given(option) && given != stored) {
-      conflict(option, nlohmann::json(given).dump(), nlohmann::json(stored).dump());
+  const auto check_number = [&](const char* option, double value, double stored) {
+    if (options.was_given(option) && value != stored) {
+      conflict(option, nlohmann::json(value).dump(), nlohmann::json(stored).dump());
     }
   };
   check_number("--a", options.params.a, learned.a);
   check_number("--c", options.params.c, learned.c);
   check_number("--scale", options.params.scale, learned.scale);
   check_number("--temperature", options.params.temperature, learned.temperature);
+
+  // Base and selection.
   if (options.was_given("--base") && options.base != maps.base) {
     conflict("--base", std::to_string(options.base), std::to_string(maps.base));
   }
@@ -277,10 +281,10 @@ struct MethodInputs {
 
 /// Returns the splicing policy of the options in the compute scalar
 /// `Scalar`: learned CKI from the maps, CKI, or a baseline method from the
-/// registry. Runs the whole-model TIES prepass over the inputs when
-/// --ties-scope model asks for it, except in a dry run, where the TIES
-/// parameters are only checked. Throws UsageError for invalid method
-/// parameters, and what the prepass and the Fisher checks throw.
+/// registry. Runs the whole-model TIES prepass over the inputs for
+/// --ties-scope model, except in a dry run, where the TIES parameters are
+/// only checked. Throws UsageError for invalid method parameters, and what
+/// the prepass and the Fisher checks throw.
 template <typename Scalar>
 cki::AnyPolicy<Scalar> make_policy(const ToolOptions& options, MethodInputs<Scalar>& method_inputs,
                                    const std::vector<cki::Checkpoint>& inputs, const cki::StreamOptions& stream,
@@ -293,19 +297,23 @@ cki::AnyPolicy<Scalar> make_policy(const ToolOptions& options, MethodInputs<Scal
   if (options.method == "cki-hard") return cki::CkiHard<Scalar>(options.params);
 
   cki::MergeResources<Scalar> resources;
-  nlohmann::json parameters = options.method_parameters;
+  const nlohmann::json& parameters = options.method_parameters;
   try {
     if (options.method == "fisher") {
       cki::check_fisher_checkpoints(plan, method_inputs.fisher);
       resources.fisher = cki::fisher_from_checkpoints<Scalar>(std::move(method_inputs.fisher));
     }
     if (cki::needs_ties_prepass(options.method, parameters)) {
-      if (options.dry_run) {
-        parameters["scope"] = "tensor";  // the thresholds are not needed to check the parameters
-      } else {
-        const double density = cki::TiesParams::from_json(parameters).density;
-        resources.ties_thresholds = cki::stream_ties_thresholds<Scalar>(inputs, density, stream);
-      }
+      // Check the parameters against the model count before the prepass
+      // reads the models; the per-tensor policy needs no thresholds for that.
+      nlohmann::json per_tensor = parameters;
+      per_tensor["scope"] = "tensor";
+      cki::AnyPolicy<Scalar> checked = cki::make_merge_policy<Scalar>(options.method, per_tensor, resources);
+      checked.check(inputs.size());
+      if (options.dry_run) return checked;
+
+      const double density = cki::TiesParams::from_json(parameters).density;
+      resources.ties_thresholds = cki::stream_ties_thresholds<Scalar>(inputs, density, stream);
     }
     return cki::make_merge_policy<Scalar>(options.method, parameters, resources);
   } catch (const std::invalid_argument& error) {
@@ -433,9 +441,7 @@ class ProgressLine {
 };
 
 /// True when any floating tensor of any checkpoint is stored as F64, so the
-/// merge computes in double to keep its precision. The checkpoints are the
-/// models, the Fisher checkpoints and a learned-maps file, which stores its
-/// maps as F64 when they were learned in double.
+/// merge computes in double to keep its precision.
 bool needs_double(const std::vector<cki::Checkpoint>& inputs) {
   for (const auto& input : inputs) {
     for (const auto& tensor : input.tensors()) {
@@ -451,12 +457,23 @@ std::string methods_help() {
   for (const auto& info : cki::merge_methods()) methods.emplace_back(info.name, info.summary);
   std::string text = "Methods (--method NAME), with the options each takes:\n";
   for (const auto& [name, summary] : methods) {
-    const std::vector<std::string> taken = options_of(name);
+    const std::vector<std::string> accepted = options_of(name);
     text += "  " + name + std::string(name.size() < 17 ? 17 - name.size() : 1, ' ') + summary;
-    text += taken.empty() ? "\n" : "; " + join(taken, " ") + "\n";
+    text += accepted.empty() ? "\n" : "; " + join(accepted, " ") + "\n";
   }
   text += "  --assessment-maps FILE replays a learned CKI merge instead of --method.";
   return text;
+}
+
+/// True when a learned-maps file stores its maps as F64, because they were
+/// learned in double; the replay then computes in double too. Learned
+/// temperatures are rank-0 F64 tensors whatever the scalar, so they do not count.
+bool maps_need_double(const std::string& path) {
+  const cki::Checkpoint maps(path);
+  for (const auto& tensor : maps.tensors()) {
+    if (tensor.dtype() == cki::DType::F64 && !tensor.shape().empty()) return true;
+  }
+  return false;
 }
 
 /// Writes the report JSON atomically. Throws cki::IoError.
@@ -469,7 +486,10 @@ void write_report(const cki::SpliceReport& report, const ToolOptions& options) {
 
 /// Prints a warning on stderr for each tensor that the merge was to splice
 /// but copied from the base under NaN policy copy-base, with the reason.
-void warn_copied_tensors(const cki::StreamPlan& plan, const cki::SpliceReport& report) {
+/// Under allow the report alone lists them, because models hold such
+/// values on purpose (attention masks).
+void warn_copied_tensors(const cki::StreamPlan& plan, const cki::SpliceReport& report, cki::NanPolicy nan_policy) {
+  if (nan_policy != cki::NanPolicy::copy_base) return;
   for (std::size_t i = 0; i < plan.tensors.size() && i < report.tensors.size(); ++i) {
     if (plan.tensors[i].spliced && !report.tensors[i].spliced) {
       std::cerr << "cki-splice: warning: tensor '" << report.tensors[i].name << "': " << report.tensors[i].copy_reason
@@ -495,17 +515,6 @@ int run(const std::vector<cki::Checkpoint>& inputs, std::vector<cki::Checkpoint>
 
   const cki::StreamPlan plan = cki::plan_stream<Scalar>(inputs, stream);
 
-  // Free space before a policy's prepass reads the inputs, so a full disk
-  // fails in seconds (a dry run included).
-  cki::check_free_space(options.output, cki::planned_output_size(plan));
-
-  const cki::AnyPolicy<Scalar> policy = make_policy<Scalar>(options, method_inputs, inputs, stream, plan);
-  try {
-    policy.check(inputs.size());
-  } catch (const std::invalid_argument& error) {
-    throw UsageError(with_option_names(error.what()));
-  }
-
   // Outputs: never an input, never an existing path without --force.
   std::vector<fs::path> protected_paths;
   for (const auto& input : inputs) {
@@ -523,6 +532,17 @@ int run(const std::vector<cki::Checkpoint>& inputs, std::vector<cki::Checkpoint>
     }
   }
 
+  // Free space before a policy's prepass reads the inputs, so a full disk
+  // fails in seconds (a dry run included).
+  cki::check_free_space(options.output, cki::planned_output_size(plan));
+
+  const cki::AnyPolicy<Scalar> policy = make_policy<Scalar>(options, method_inputs, inputs, stream, plan);
+  try {
+    policy.check(inputs.size());
+  } catch (const std::invalid_argument& error) {
+    throw UsageError(with_option_names(error.what()));
+  }
+
   if (options.dry_run) {
     print_plan(plan, inputs, options, policy, scalar_name);
     return kExitSuccess;
@@ -531,7 +551,7 @@ int run(const std::vector<cki::Checkpoint>& inputs, std::vector<cki::Checkpoint>
   cki::StreamOptions run_options = stream;
   if (!options.quiet && ::isatty(STDERR_FILENO)) run_options.on_progress = ProgressLine();
   const cki::SpliceReport report = cki::splice_checkpoints<Scalar>(inputs, options.output, policy, run_options);
-  warn_copied_tensors(plan, report);
+  warn_copied_tensors(plan, report, stream.splice.nan_policy);
   if (!options.report.empty()) write_report(report, options);
 
   if (!options.quiet) {
@@ -642,7 +662,9 @@ int main(int argc, char** argv) {
   app.add_option("--drop-rate", options.drop_rate,
                  "Probability that DARE drops a delta entry, in [0, 1); kept entries are scaled by 1/(1 - p)")
       ->capture_default_str();
-  app.add_option("--seed", options.seed, "Seed of DARE's drops, an integer in [0, 2^64)")->capture_default_str();
+  app.add_option("--seed", options.seed, "Seed of DARE's drops, an integer in [0, 2^64)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   app.add_option("--t", options.t, "SLERP position in [0, 1]: 0 returns the base, 1 the other model")
       ->capture_default_str();
   app.add_option("--fisher", options.fisher,
@@ -689,7 +711,7 @@ int main(int argc, char** argv) {
   }
 
   for (const CLI::Option* option : app.get_options()) {
-    if (option->count() > 0) options.given.insert(option->get_name());
+    if (option->count() > 0) options.given_options.insert(option->get_name());
   }
 
   try {
@@ -700,9 +722,8 @@ int main(int argc, char** argv) {
     for (const auto& path : options.fisher) fisher.emplace_back(path);
 
     // Double when any model, Fisher checkpoint or learned map is stored as F64.
-    std::vector<cki::Checkpoint> precision_sources;
-    if (!options.assessment_maps.empty()) precision_sources.emplace_back(options.assessment_maps);
-    const bool in_double = needs_double(inputs) || needs_double(fisher) || needs_double(precision_sources);
+    const bool in_double = needs_double(inputs) || needs_double(fisher) ||
+                           (!options.assessment_maps.empty() && maps_need_double(options.assessment_maps));
     if (in_double) return run<double>(inputs, std::move(fisher), options, stream, "double");
     return run<float>(inputs, std::move(fisher), options, stream, "float");
   } catch (const UsageError& error) {

@@ -127,9 +127,9 @@ inline std::string valid_shard(const std::vector<cki::TensorSpec>& tensors, cons
 }  // namespace detail
 
 /// A sharded checkpoint folder whose index and second shard come from a
-/// fuzz input. Shard model-00001-of-00002.safetensors holds "a" (F32
-/// [2, 3]) and "b" (I64 [2]); the spare shard extra.safetensors holds "d"
-/// (BF16 [4]); the default second shard holds "c" (F16 [3]).
+/// fuzz input. Shard model-00001-of-00002.safetensors contains "a" (F32
+/// [2, 3]) and "b" (I64 [2]), the spare shard extra.safetensors contains "d"
+/// (BF16 [4]), and the default second shard contains "c" (F16 [3]).
 ///
 /// An input is the text of model.safetensors.index.json, optionally
 /// followed by a NUL byte and the bytes of model-00002-of-00002.safetensors,

@@ -16,7 +16,8 @@
 
 namespace {
 
-/// An in-memory file reached through /proc/self/fd, reused for every input.
+/// Returns the in-memory file, created once and reused for every input; the
+/// reader opens it through /proc/self/fd.
 int memory_file() {
   static const int fd = [] {
     const int created = ::memfd_create("cki-fuzz-safetensors", MFD_CLOEXEC);

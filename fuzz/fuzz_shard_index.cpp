@@ -14,8 +14,8 @@
 
 namespace {
 
-/// The checkpoint folder, under /dev/shm when it exists so that the writes
-/// of each input stay in memory.
+/// Returns the checkpoint folder, created once under /dev/shm when it
+/// exists, so that the writes of each input stay in memory.
 const cki_fuzz::IndexFixture& fixture() {
   static const cki_fuzz::IndexFixture instance(std::filesystem::is_directory("/dev/shm")
                                                    ? std::filesystem::path("/dev/shm")

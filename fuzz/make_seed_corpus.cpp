@@ -61,6 +61,7 @@ std::string f32_entry(const std::string& name, const std::string& shape, const s
   return "\"" + name + "\":{\"dtype\":\"F32\",\"shape\":" + shape + ",\"data_offsets\":" + offsets + "}";
 }
 
+/// Writes the seeds of the safetensors target into `out`.
 void write_safetensors_seeds(const fs::path& out) {
   fs::create_directories(out);
   const fs::path scratch = out / ".scratch.safetensors";
@@ -123,9 +124,10 @@ void write_safetensors_seeds(const fs::path& out) {
   }
 }
 
-/// Seeds of the index target: they describe the fuzz folder, whose shard 1
-/// holds "a" (F32 [2, 3]) and "b" (I64 [2]), whose default shard 2 holds
-/// "c" (F16 [3]) and whose spare shard "extra.safetensors" holds "d".
+/// Writes the seeds of the index target. They describe the folder of
+/// cki_fuzz::IndexFixture: shard 1 contains "a" (F32 [2, 3]) and "b" (I64
+/// [2]), the default shard 2 contains "c" (F16 [3]) and the spare shard
+/// extra.safetensors contains "d".
 void write_index_seeds(const fs::path& out) {
   fs::create_directories(out);
   const fs::path scratch = out / ".scratch.safetensors";

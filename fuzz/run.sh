@@ -40,10 +40,12 @@ for target in "${targets[@]}"; do
   artifacts="$build/artifacts/$target"
   mkdir -p "$corpus" "$artifacts"
   echo "fuzzing $target for $seconds s (corpus $corpus)" >&2
-  # -max_len 16384 admits headers long enough for deep nesting and many
-  # tensors; -timeout 10 and -rss_limit_mb 2048 turn hangs and runaway
-  # allocations into findings.
+  # -max_len 16384 admits headers with dozens of tensors. -timeout 10 and
+  # -rss_limit_mb 2048 turn hangs and runaway allocations into findings.
+  # New inputs go into the first folder; the seeds and the kept regressions
+  # are read only.
   "$build/$target" "$corpus" "$build/seeds/${seeds[$target]}" \
+      "$root/tests/data/fuzz_regressions/${seeds[$target]}" \
       -dict="$root/fuzz/safetensors.dict" \
       -max_total_time="$seconds" -max_len=16384 -timeout=10 -rss_limit_mb=2048 \
       -artifact_prefix="$artifacts/" -print_final_stats=1

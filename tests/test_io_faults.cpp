@@ -100,9 +100,10 @@ class ScopedFreeSpace {
   cki::FreeSpaceFunction previous_;
 };
 
-/// A disk that fills up after `capacity` bytes, counted over all files
-/// written while it is installed: the write that crosses the limit is
-/// short, and every later one fails with ENOSPC, as on a full file system.
+/// Returns a write function for a disk that fills up after `capacity` bytes,
+/// counted over all files written while it is installed. The write that
+/// crosses the limit is short and every later one fails with ENOSPC, as on
+/// a full file system.
 cki::WriteFunction disk_of(std::uint64_t capacity, std::shared_ptr<std::uint64_t> written) {
   return [capacity, written](int fd, const void* data, std::size_t size) -> ssize_t {
     if (*written >= capacity) {
@@ -165,7 +166,7 @@ fs::path write_output(const OutputCase& output_case, const fs::path& folder) {
   return out;
 }
 
-/// Folder with the two input models a.safetensors (F32) and b.safetensors (BF16).
+/// Writes the two input models a.safetensors (F32) and b.safetensors (BF16) into `folder`.
 void write_inputs(const fs::path& folder) {
   cki::save_checkpoint(model(1), folder / "a.safetensors");
   cki::save_checkpoint(model(2, DType::BF16), folder / "b.safetensors");
@@ -207,8 +208,8 @@ TEST_CASE("full disk leaves no output and inputs intact", "[io][faults]") {
         message = error_message<cki::IoError>([&] { write_output(output_case, dir.path()); });
       }
       CHECK_THAT(message, Contains("No space left on device"));
-      CHECK_THAT(message, Contains((dir / (output_case.sharded ? "out" : "out.safetensors")).string()));
-      CHECK_THAT(message, Contains("is left unchanged"));
+      CHECK_THAT(message, Contains("cannot write the output '" + (dir / (output_case.sharded ? "out" : "out.safetensors")).string() +
+                                   "', which is left unchanged"));
       CHECK(*written == capacity);
       CHECK_FALSE(fs::exists(dir / "out"));
       CHECK_FALSE(fs::exists(dir / "out.safetensors"));
@@ -423,8 +424,8 @@ void write_large_model(const fs::path& path, unsigned seed, int tensors, std::in
   writer.commit();
 }
 
-/// The first temporary file of the output out.safetensors in `folder`, or
-/// an empty path while there is none.
+/// Returns the first temporary file of the output out.safetensors in
+/// `folder`, or an empty path while there is none.
 fs::path temporary_output(const fs::path& folder) {
   for (const auto& name : hidden_entries(folder)) {
     if (name.rfind(".out.safetensors.tmp-", 0) == 0) return folder / name;
@@ -446,7 +447,7 @@ TEST_CASE("cki-splice killed mid-write leaves no output", "[io][faults][tool]") 
   const std::vector<std::string> arguments = {(dir / "a.safetensors").string(), (dir / "b.safetensors").string(),
                                               "-o", (dir / "out.safetensors").string(), "--quiet"};
 
-  // Kill the tool once its temporary file holds the header and at least
+  // Kill the tool once its temporary file contains the header and at least
   // 1 MiB of tensor data, so the kill lands in the middle of the output.
   fs::path temporary;
   {
@@ -514,7 +515,7 @@ TEST_CASE("cki-splice stopped by a file-size limit cleans up", "[io][faults][too
   REQUIRE(WIFEXITED(status));
   CHECK(WEXITSTATUS(status) == 1);
   CHECK_THAT(err, Contains("File too large"));
-  CHECK_THAT(err, Contains("the output '" + (dir / "out.safetensors").string() + "' is left unchanged"));
+  CHECK_THAT(err, Contains("cannot write the output '" + (dir / "out.safetensors").string() + "', which is left unchanged"));
   CHECK_FALSE(fs::exists(dir / "out.safetensors"));
   CHECK(hidden_entries(dir.path()).empty());
   auto after = snapshot(dir.path());

@@ -398,6 +398,53 @@ TEST_CASE("F16 overflow names tensor, value and file", "[io][format]") {
   CHECK(fs::is_empty(dir.path()));
 }
 
+TEST_CASE("clamping saturates values beyond the dtype", "[io][format]") {
+  const double infinity = std::numeric_limits<double>::infinity();
+  const std::vector<double> values = {1.0, 65519.0, 65520.0, -1e6, infinity, 3e38, -1e39};
+  std::vector<std::uint8_t> bytes(values.size() * 4);
+  std::vector<double> decoded(values.size());
+
+  SECTION("F16") {
+    CHECK(cki::encode_values_saturated(values.data(), values.size(), DType::F16, bytes.data()) == 4);
+    cki::decode_values(DType::F16, bytes.data(), values.size(), decoded.data());
+    CHECK(decoded[0] == 1.0);
+    CHECK(decoded[1] == 65504.0);  // rounds to the maximum, so it is not counted
+    CHECK(decoded[2] == 65504.0);
+    CHECK(decoded[3] == -65504.0);
+    CHECK(decoded[4] == infinity);  // infinity is no overflow; it is written as it is
+    CHECK(decoded[5] == 65504.0);
+    CHECK(decoded[6] == -65504.0);
+  }
+  SECTION("F32") {
+    CHECK(cki::encode_values_saturated(values.data(), values.size(), DType::F32, bytes.data()) == 1);
+    cki::decode_values(DType::F32, bytes.data(), values.size(), decoded.data());
+    CHECK(decoded[5] == static_cast<double>(3e38f));
+    CHECK(decoded[6] == -static_cast<double>(std::numeric_limits<float>::max()));
+  }
+  SECTION("the writer counts clamped values") {
+    TempDir dir;
+    const auto path = dir / "clamped.safetensors";
+    cki::SafetensorsWriter writer(path, {{"w", DType::BF16, {static_cast<std::int64_t>(values.size())}}}, {});
+    cki::ValueChecks checks;
+    checks.clamp = true;
+    CHECK(writer.write("w", values.data(), values.size(), checks) == 1);  // only -1e39 exceeds BF16
+    writer.commit();
+    const auto set = cki::load_checkpoint<double>(path);
+    CHECK(set.view("w")[6] == -cki::dtype_max(DType::BF16));
+    CHECK(set.view("w")[4] == infinity);
+  }
+  SECTION("the writer rejects non-finite values when asked") {
+    TempDir dir;
+    const auto path = dir / "finite.safetensors";
+    cki::SafetensorsWriter writer(path, {{"w", DType::F64, {static_cast<std::int64_t>(values.size())}}}, {});
+    cki::ValueChecks checks;
+    checks.allow_non_finite = false;
+    const std::string message = error_message<cki::NumericError>([&] { writer.write("w", values.data(), values.size(), checks); });
+    CHECK_THAT(message, Contains("tensor 'w' has the non-finite value inf at index 4"));
+    CHECK_THAT(message, Contains(path.string()));
+  }
+}
+
 TEST_CASE("outputs are atomic and never replace inputs", "[io][format]") {
   TempDir dir;
   const auto set = random_set<float>(1, {{"w", {4}}});

@@ -60,3 +60,35 @@ TEST_CASE("fuzz regressions of the shard index reader", "[io][fuzz]") {
     }
   }
 }
+
+TEST_CASE("deeply nested JSON is rejected", "[io][fuzz]") {
+  // A million levels: before the depth limit, the error message's dump of
+  // such a value overflowed the stack. Too large to keep as a file.
+  const std::size_t depth = 1'000'000;
+  const std::string nested = std::string(depth, '[') + std::string(depth, ']');
+  const std::vector<std::pair<std::string, std::string>> headers = {
+      {"tensor entry", "{\"w\":" + nested + "}"},
+      {"shape", "{\"w\":{\"dtype\":\"F32\",\"shape\":" + nested + ",\"data_offsets\":[0,0]}}"},
+      {"metadata", "{\"__metadata__\":" + nested + "}"},
+  };
+  TempDir dir;
+  for (const auto& [name, header] : headers) {
+    INFO("nested " << name);
+    const fs::path path = dir / "deep.safetensors";
+    write_file(path, safetensors_bytes(header, ""));
+    CHECK_THAT(error_message<cki::FormatError>([&] { cki::SafetensorsFile file(path); }),
+               Catch::Matchers::Contains("more than 64 levels deep"));
+  }
+
+  const cki_fuzz::IndexFixture fixture(dir.path());
+  const std::string index = "{\"weight_map\":{},\"metadata\":" + nested + "}";
+  fixture.store(reinterpret_cast<const std::uint8_t*>(index.data()), index.size());
+  CHECK_THAT(error_message<cki::FormatError>([&] { cki::Checkpoint checkpoint(fixture.folder()); }),
+             Catch::Matchers::Contains("more than 64 levels deep"));
+
+  // Exactly 64 levels parse; 65 do not.
+  const std::string deepest = std::string(64, '[') + std::string(64, ']');
+  CHECK_NOTHROW(cki::detail::parse_json_strict(deepest, "text"));
+  const std::string too_deep = std::string(65, '[') + std::string(65, ']');
+  CHECK_THROWS_AS(cki::detail::parse_json_strict(too_deep, "text"), cki::FormatError);
+}

@@ -273,14 +273,14 @@ cki::WeightSet<float> with_value(const cki::WeightSet<float>& set, const std::st
   return out;
 }
 
-/// The quoted paths of `paths`, separated by spaces.
+/// Quotes each of `paths` for the shell and joins them with spaces.
 std::string quoted_all(const std::vector<fs::path>& paths) {
   std::string text;
   for (const auto& path : paths) text += (text.empty() ? "" : " ") + quoted(path);
   return text;
 }
 
-/// The report entry of tensor `name`.
+/// Finds the entry of tensor `name` in a JSON report; fails the test when it is absent.
 nlohmann::json report_entry(const nlohmann::json& report, const std::string& name) {
   for (const auto& tensor : report["tensors"]) {
     if (tensor["name"] == name) return tensor;
@@ -469,6 +469,8 @@ TEST_CASE("cki-splice rejects options of other methods", "[io][tool]") {
       {" --method dare --drop-rate 1", "method 'dare': --drop-rate must be in [0, 1), got 1"},
       {" --method average --weights 1,-1", "--weights[1] must be >= 0, got -1"},
       {" --method average --weights 1,2,3", "--weights needs one value per model (2 in input order), got 3"},
+      {" --method ties --ties-scope model --weights 1,2,3",
+       "--weights needs one value per model (2 in input order), got 3"},
       {" --method slerp --t 1.5", "--t must be in [0, 1], got 1.5"},
       {" --method ties --ties-scope global", "global not in {tensor,model}"},
       {" --nan-policy ignore", "ignore not in {error,copy-base,allow}"},
@@ -633,7 +635,7 @@ TEST_CASE("cki-splice NaN policies", "[io][tool][numeric]") {
     run = run_tool(dir, two + " --nan-policy copy-base");
     INFO(run.err);
     REQUIRE(run.status == 0);
-    CHECK_THAT(run.err, Contains("cki-splice: warning: tensor 'layer.0.weight': NaN at index 5 (0, 5)"));
+    CHECK_THAT(run.err, Contains("cki-splice: warning: tensor 'layer.0.weight': NaN at index 5 ([0, 5])"));
     CHECK_THAT(run.err, Contains("copied from the base under nan policy copy-base"));
     CHECK(run.err.find("embed.weight") == std::string::npos);  // one warning line per affected tensor
 
@@ -677,7 +679,7 @@ TEST_CASE("cki-splice NaN policies", "[io][tool][numeric]") {
 
     ToolRun run = run_tool(dir, two);
     CHECK(run.status == 1);
-    CHECK_THAT(run.err, Contains("tensor 'head.weight' holds -Inf at index 2 (0, 2) in model 1 ('" + a.string()));
+    CHECK_THAT(run.err, Contains("tensor 'head.weight' holds -Inf at index 2 ([0, 2]) in model 1 ('" + a.string()));
     CHECK_THAT(run.err, Contains("copied from the base (excluded by pattern 'head.*')"));
     CHECK_FALSE(fs::exists(out));
 
@@ -690,7 +692,7 @@ TEST_CASE("cki-splice NaN policies", "[io][tool][numeric]") {
     CHECK(cki::load_checkpoint<float>(out).view("head.weight")[2] == -infinity);
     const auto entry = report_entry(nlohmann::json::parse(read_file(report_path)), "head.weight");
     CHECK_THAT(entry["reason"].get<std::string>(),
-               Contains("excluded by pattern 'head.*'; -Inf at index 2 (0, 2) in model 1"));
+               Contains("excluded by pattern 'head.*'; -Inf at index 2 ([0, 2]) in model 1"));
     CHECK_THAT(entry["reason"].get<std::string>(), Contains("passed through under nan policy allow"));
   }
   SECTION("a merge that overflows the compute scalar") {

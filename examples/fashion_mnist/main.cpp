@@ -86,7 +86,7 @@ bool check_tool_row(const std::vector<fashion_mnist::Block>& blocks,
 }
 
 /// Lowers the cost of every option the user did not set, so the whole run
-/// takes about a minute: one repeat on 20,000 training and 5,000 validation
+/// takes one to two minutes on 2 cores: one repeat on 20,000 training and 5,000 validation
 /// examples, and 5,000 examples per epoch of the learned CKI row.
 void apply_quick_profile(const CLI::App& app, fashion_mnist::ProtocolParams& params, Options& options) {
   auto unset = [&app](const char* name) { return app.count(name) == 0; };
@@ -111,7 +111,7 @@ int main(int argc, char** argv) {
                  "dataset-fashion-mnist)")
       ->capture_default_str();
   app.add_flag("--quick", options.quick,
-               "Run in about a minute: 1 repeat, 20,000 training and 5,000 validation examples, fewer epochs, "
+               "Run in one to two minutes: 1 repeat, 20,000 training and 5,000 validation examples, fewer epochs, "
                "5,000 examples per epoch of the learned CKI row "
                "(explicit options still apply)");
   app.add_option("--json", options.json_path, "Also write every outcome, per repeat, to this JSON file");

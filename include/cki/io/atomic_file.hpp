@@ -31,7 +31,7 @@ namespace cki {
 using WriteFunction = std::function<ssize_t(int fd, const void* data, std::size_t size)>;
 
 /// A function returning the bytes available to unprivileged users in the
-/// file system that holds `folder`, or nothing when that is unknown.
+/// file system that contains `folder`, or nothing when that is unknown.
 using FreeSpaceFunction = std::function<std::optional<std::uint64_t>(const std::filesystem::path& folder)>;
 
 namespace detail {
@@ -148,7 +148,7 @@ inline FreeSpaceFunction set_free_space_function(FreeSpaceFunction function) {
 }
 
 /// Returns the bytes available to unprivileged users in the file system
-/// that holds `folder` (statvfs: f_bavail blocks of f_frsize bytes), or
+/// that contains `folder` (statvfs: f_bavail blocks of f_frsize bytes), or
 /// nothing when statvfs fails, or as the installed free-space function
 /// reports.
 inline std::optional<std::uint64_t> free_space(const std::filesystem::path& folder) {
@@ -215,6 +215,9 @@ inline void check_not_input(const std::filesystem::path& output,
 /// place by `commit()`. Until then the target is untouched. Destroying an
 /// uncommitted AtomicFile removes the temporary file, so a failure never
 /// leaves a partial file at the target path.
+/// NOTE: a process killed by SIGKILL (or a power loss) leaves its temporary
+/// file, named ".<target name>.tmp-XXXXXX", behind. Later writes pick new
+/// random names and never read it, so only the disk space is lost.
 class AtomicFile {
  public:
   /// Creates the temporary file in the folder of `target`.
@@ -239,15 +242,8 @@ class AtomicFile {
 
   ~AtomicFile() { discard(); }
 
-  /// Appends `size` bytes. Throws IoError naming the temporary file and the
-  /// target, which the failed write leaves unchanged.
-  void write(const void* data, std::size_t size) {
-    try {
-      detail::write_all(fd_, data, size, temp_.string());
-    } catch (const IoError& error) {
-      throw IoError(std::string(error.what()) + "; the output '" + target_.string() + "' is left unchanged");
-    }
-  }
+  /// Appends `size` bytes. Throws IoError naming the temporary file.
+  void write(const void* data, std::size_t size) { detail::write_all(fd_, data, size, temp_.string()); }
 
   /// Syncs the file, renames it to the target and syncs the folder.
   /// Throws IoError; the target is then unchanged.
@@ -281,15 +277,19 @@ class AtomicFile {
   const std::filesystem::path& target() const { return target_; }
   const std::filesystem::path& temp_path() const { return temp_; }
 
- private:
-  void check_target() const {
-    if (!overwrite_ && detail::path_exists(target_)) {
-      throw IoError("output '" + target_.string() + "' already exists; remove it or allow replacing it");
+  /// Throws IoError when `target` exists and `overwrite` is false, or is a
+  /// folder: the checks the constructor and commit() make.
+  static void check_target(const std::filesystem::path& target, bool overwrite) {
+    if (!overwrite && detail::path_exists(target)) {
+      throw IoError("output '" + target.string() + "' already exists; remove it or allow replacing it");
     }
-    if (overwrite_ && std::filesystem::is_directory(target_)) {
-      throw IoError("output '" + target_.string() + "' is a folder, not a file");
+    if (overwrite && std::filesystem::is_directory(target)) {
+      throw IoError("output '" + target.string() + "' is a folder, not a file");
     }
   }
+
+ private:
+  void check_target() const { check_target(target_, overwrite_); }
 
   std::filesystem::path target_;
   bool overwrite_ = false;

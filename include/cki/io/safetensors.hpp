@@ -107,14 +107,25 @@ inline std::optional<std::size_t> find_invalid_utf8(const std::string& text) {
   return std::nullopt;
 }
 
+/// Deepest nesting of arrays and objects that parse_json_strict accepts.
+/// Safetensors headers and shard indexes nest 3 levels. nlohmann::json
+/// serialises recursively, so dumping a value nested a million levels (as
+/// error messages do) would overflow the stack.
+inline constexpr int kMaxJsonDepth = 64;
+
 /// Parses JSON text, rejecting a key that repeats within one object, which
-/// nlohmann::json would otherwise resolve silently to the last value.
+/// nlohmann::json would otherwise resolve silently to the last value, and
+/// nesting deeper than kMaxJsonDepth.
 /// `description` names the text in messages ("header of 'a.safetensors'").
-/// Throws FormatError for invalid JSON or a duplicate key.
+/// Throws FormatError for invalid JSON, a duplicate key or deep nesting.
 inline nlohmann::json parse_json_strict(const std::string& text, const std::string& description) {
   std::vector<std::set<std::string>> open_objects;
-  auto check_keys = [&](int /*depth*/, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
+  auto check_keys = [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
     using Event = nlohmann::json::parse_event_t;
+    if ((event == Event::object_start || event == Event::array_start) && depth >= kMaxJsonDepth) {
+      throw FormatError(description + " nests arrays and objects more than " + std::to_string(kMaxJsonDepth) +
+                        " levels deep");
+    }
     if (event == Event::object_start) open_objects.emplace_back();
     if (event == Event::object_end && !open_objects.empty()) open_objects.pop_back();
     if (event == Event::key && !open_objects.empty()) {
@@ -557,8 +568,8 @@ inline void sort_for_writing(std::vector<TensorSpec>& tensors) {
 
 }  // namespace detail
 
-/// What SafetensorsWriter::write does with values that its output dtype
-/// cannot hold as they are.
+/// Handling of values that SafetensorsWriter::write cannot store as they
+/// are in the output dtype.
 struct ValueChecks {
   /// Write a finite value beyond the dtype's range as the dtype's largest
   /// finite value with the value's sign, and count it. Without it, such a

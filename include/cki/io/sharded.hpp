@@ -394,13 +394,14 @@ class CheckpointWriter {
                                     std::to_string(total_bytes_) + " bytes of tensors exceed the shard size of " +
                                     std::to_string(options_.max_shard_size) + " bytes; give a folder to shard into");
       }
-      open_shard();
+      AtomicFile::check_target(target_, options_.overwrite);
+      with_output_named([this] { open_shard(); });
       return;
     }
 
     check_replaceable_folder();
     folder_.emplace(target_, options_.overwrite);
-    open_shard();
+    with_output_named([this] { open_shard(); });
   }
 
   /// Tensor names in the order they must be written.
@@ -420,15 +421,20 @@ class CheckpointWriter {
   /// Returns the number of values clamped. Throws as SafetensorsWriter::write does.
   template <typename Scalar>
   std::uint64_t write(const std::string& name, const Scalar* values, std::size_t count, bool allow_non_finite = true) {
-    const std::uint64_t clamped = writer_->write(name, values, count, ValueChecks{options_.clamp, allow_non_finite});
-    next_if_done();
+    std::uint64_t clamped = 0;
+    with_output_named([&] {
+      clamped = writer_->write(name, values, count, ValueChecks{options_.clamp, allow_non_finite});
+      next_if_done();
+    });
     return clamped;
   }
 
   /// Appends raw bytes of tensor `name`. Throws as SafetensorsWriter::write_bytes does.
   void write_bytes(const std::string& name, const std::uint8_t* bytes, std::size_t size) {
-    writer_->write_bytes(name, bytes, size);
-    next_if_done();
+    with_output_named([&] {
+      writer_->write_bytes(name, bytes, size);
+      next_if_done();
+    });
   }
 
   /// Returns the output dtype of tensor `name` (after `out_dtype` applies).
@@ -451,22 +457,19 @@ class CheckpointWriter {
       throw std::logic_error("tensor '" + missing->name + "' of output '" + target_.string() +
                              "' is not complete; write every tensor before commit");
     }
-    writer_->commit();
-    writer_.reset();
-    if (!folder_) return;
-
-    if (shards_.size() > 1) {
-      nlohmann::json index;
-      index["metadata"] = {{"total_size", total_bytes_}};
-      index["weight_map"] = nlohmann::json::object();
-      for (std::size_t s = 0; s < shards_.size(); ++s) {
-        for (const auto& spec : shards_[s]) index["weight_map"][spec.name] = shard_file_name(s, shards_.size());
-      }
-      const std::string text = index.dump(2) + "\n";
-      AtomicFile file(folder_->path() / kIndexFileName);
-      file.write(text.data(), text.size());
-      file.commit();
+    if (!folder_) {
+      writer_->commit();
+      writer_.reset();
+      return;
     }
+
+    // The last shard and the index go into the temporary folder, which
+    // becomes the output only at the rename.
+    with_output_named([this] {
+      writer_->commit();
+      writer_.reset();
+      if (shards_.size() > 1) write_index();
+    });
     folder_->commit();
   }
 
@@ -480,6 +483,31 @@ class CheckpointWriter {
       overwrite = false;
     }
     writer_.emplace(path, shards_[shard_], metadata_, overwrite);
+  }
+
+  void write_index() const {
+    nlohmann::json index;
+    index["metadata"] = {{"total_size", total_bytes_}};
+    index["weight_map"] = nlohmann::json::object();
+    for (std::size_t s = 0; s < shards_.size(); ++s) {
+      for (const auto& spec : shards_[s]) index["weight_map"][spec.name] = shard_file_name(s, shards_.size());
+    }
+    const std::string text = index.dump(2) + "\n";
+    AtomicFile file(folder_->path() / kIndexFileName);
+    file.write(text.data(), text.size());
+    file.commit();
+  }
+
+  // Runs `step`, naming the output in any IoError it throws. Until the
+  // final rename the output exists only under a temporary name, so a failed
+  // step leaves the output path as it was.
+  template <typename Step>
+  void with_output_named(Step&& step) {
+    try {
+      step();
+    } catch (const IoError& error) {
+      throw IoError("cannot write the output '" + target_.string() + "', which is left unchanged: " + error.what());
+    }
   }
 
   // Commits a complete shard and opens the next. The last shard waits for

@@ -21,7 +21,7 @@
 
 namespace cki {
 
-/// Checks that `fisher` holds one Fisher checkpoint per model of `plan`,
+/// Checks that `fisher` contains one Fisher checkpoint per model of `plan`,
 /// each with every tensor the plan splices, of the same shape and a
 /// floating dtype (F16, BF16, F32 or F64). Fisher checkpoint k belongs to
 /// input model k. Throws std::invalid_argument for a wrong count, and
@@ -53,9 +53,9 @@ inline void check_fisher_checkpoints(const StreamPlan& plan, const std::vector<C
 }
 
 /// Returns a FisherSource that reads tensor `name` of every Fisher
-/// checkpoint, one per model in input order, when the policy asks for it.
+/// checkpoint, one per model in input order, when the policy requests it.
 /// Only one tensor's Fisher values are in memory at a time, so a streamed
-/// Fisher merge holds about 2N + 1 buffers of the largest tensor.
+/// Fisher merge keeps about 2N + 1 buffers of the largest tensor in memory.
 /// Run check_fisher_checkpoints() first, so a missing tensor is found before
 /// the merge starts. The source throws MismatchError for a tensor missing
 /// from a Fisher checkpoint and IoError for a failed read.
