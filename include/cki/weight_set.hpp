@@ -111,7 +111,7 @@ class WeightSet {
 
   bool contains(const std::string& name) const { return index_.count(name) != 0; }
 
-  /// The entry named `name`. Throws MismatchError when there is none.
+  /// Returns the entry named `name`. Throws MismatchError when there is none.
   const Entry& at(const std::string& name) const {
     auto found = index_.find(name);
     if (found == index_.end()) {
@@ -120,7 +120,7 @@ class WeightSet {
     return entries_[found->second];
   }
 
-  /// The values of the floating tensor `name` in the compute scalar.
+  /// Returns the values of the floating tensor `name` in the compute scalar.
   /// Throws MismatchError when it is absent or not floating.
   const TensorView<Scalar>& view(const std::string& name) const {
     const Entry& entry = at(name);
@@ -137,7 +137,7 @@ class WeightSet {
   auto begin() const { return entries_.begin(); }
   auto end() const { return entries_.end(); }
 
-  /// Free-form string metadata, as the safetensors `__metadata__` map holds it.
+  /// Free-form string metadata, as stored in the safetensors `__metadata__` map.
   std::map<std::string, std::string>& metadata() { return metadata_; }
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
 

@@ -1,4 +1,4 @@
-// What every assessment functor is told about the tensor it works on.
+// Tensor context passed to every assessment functor: name, shape and model order.
 #pragma once
 
 #include <cstddef>

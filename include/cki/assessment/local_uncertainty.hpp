@@ -101,7 +101,7 @@ class LocalUncertainty {
     maps_[name] = std::move(maps);
   }
 
-  /// The maps of tensor `name`, or null when it uses the identity.
+  /// Returns the maps of tensor `name`, or null when it uses the identity.
   const std::vector<AssessmentMap<Scalar>>* maps_for(const std::string& name) const {
     auto found = maps_.find(name);
     return found == maps_.end() ? nullptr : &found->second;

@@ -15,7 +15,7 @@
 
 namespace cki {
 
-/// What one model contributed to one spliced tensor.
+/// Contribution of one model to one spliced tensor.
 struct ModelTensorStats {
   /// Information content of the model's tensor (histogram entropy, nats);
   /// absent for methods that do not compute it.
@@ -49,14 +49,14 @@ struct TensorMergeResult {
   operator std::vector<ModelTensorStats>() const { return models; }  // NOLINT(google-explicit-constructor)
 };
 
-/// What happened to one tensor.
+/// Outcome for one tensor: spliced, or copied from the base and why.
 struct TensorReport {
   std::string name;
   Shape shape;
   DType dtype = DType::F32;
   /// True when the tensor was merged, false when it was copied from the base.
   bool spliced = false;
-  /// Why an unspliced tensor was copied ("not selected", "empty tensor",
+  /// Reason an unspliced tensor was copied ("not selected", "empty tensor",
   /// "dtype I64 is not spliced", "single model"); empty when spliced.
   std::string copy_reason;
   /// Per model, in input order; empty for copied tensors.

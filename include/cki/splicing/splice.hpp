@@ -24,7 +24,7 @@
 
 namespace cki {
 
-/// What to do with a tensor that holds NaN or infinity in some model.
+/// Handling of a tensor that contains NaN or infinity in some model.
 enum class NanPolicy {
   /// Throw NumericError naming the tensor, model and first index.
   error,
@@ -230,7 +230,7 @@ TensorReport splice_tensor(const std::string& name, const std::vector<TensorView
     }
   }
 
-  // The policy sees the base first.
+  // The policy receives the base first.
   TensorContext context;
   context.name = name;
   context.shape = report.shape;
