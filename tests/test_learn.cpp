@@ -14,32 +14,14 @@
 #include <cki/learn/learn.hpp>
 #include <cki/splicing/splice.hpp>
 
+#include "temp_dir.hpp"
+
 using Catch::Matchers::Contains;
 
 namespace {
 
 namespace fs = std::filesystem;
-
-/// A fresh folder under the system's temporary folder, removed with its
-/// contents at scope exit.
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = (fs::temp_directory_path() / "cki-learn-test-XXXXXX").string();
-    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed for " + pattern);
-    path_ = pattern;
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  ~TempDir() {
-    std::error_code ignored;
-    fs::remove_all(path_, ignored);
-  }
-  fs::path operator/(const std::string& name) const { return path_ / name; }
-
- private:
-  fs::path path_;
-};
+using cki_test::TempDir;
 
 template <typename Scalar>
 double tolerance() {
@@ -450,6 +432,12 @@ TEST_CASE("learnable assessment rejects misuse", "[learn][errors]") {
     bad[1][4] = std::numeric_limits<double>::quiet_NaN();
     cki::LearnableAssessment<double> assessment("w", {2, 3}, 2, options);
     CHECK_THROWS_WITH(assessment.forward(views_of(bad)), Contains("NaN") && Contains("model 2"));
+    CHECK(assessment.entropies().empty());
+    CHECK_THROWS_WITH(assessment.forward(views_of(bad)), Contains("NaN") && Contains("model 2"));
+  }
+  SECTION("negative thread count") {
+    cki::LearnableAssessment<double> assessment("w", {2, 3}, 2, options);
+    CHECK_THROWS_WITH(assessment.forward(views_of(models), -1), Contains("'threads'") && Contains("-1"));
   }
 }
 
@@ -461,6 +449,89 @@ TEST_CASE("single model passes through", "[learn][forward]") {
   const auto merged = assessment.forward(views_of(models));
   CHECK((merged.array() == models[0].array()).all());
   CHECK(assessment.backward(models[0].view()).values.isZero());
+}
+
+TEMPLATE_TEST_CASE("entropies equal information content", "[learn][global]", float, double) {
+  // Base 1 of 3, so that input order and base-first order differ.
+  const auto models = random_tensors<TestType>(3, {5, 4}, 56);
+  cki::LearnOptions options;
+  options.params = params_for(cki::RuleKind::softmax);
+  cki::LearnableAssessment<TestType> assessment("w", {5, 4}, 3, options, 1);
+  CHECK(assessment.entropies().empty());
+  CHECK(assessment.global_weights().empty());
+  assessment.forward(views_of(models));
+
+  // By hand: the entropy of each model, and the global weights of the
+  // base-first entropies put back in input order.
+  const cki::InformationContent information(options.params.information());
+  std::vector<double> entropies;
+  for (const auto& model : models) entropies.push_back(information(model.view(), "w"));
+  const std::vector<double> base_first =
+      cki::GlobalWeight(options.params.global())({entropies[1], entropies[0], entropies[2]});
+  const std::vector<double> global_weights{base_first[1], base_first[0], base_first[2]};
+  REQUIRE(entropies[0] != entropies[1]);
+  CHECK(assessment.entropies() == entropies);
+  CHECK(assessment.global_weights() == global_weights);
+}
+
+TEST_CASE("forward reuses entropies until reset", "[learn][global]") {
+  auto models = random_tensors<double>(2, {5, 4}, 57);
+  const auto views = views_of(models);
+  cki::LearnOptions options;
+  options.params = params_for(cki::RuleKind::softmax);
+  options.per_model = true;
+  cki::LearnableAssessment<double> assessment("w", {5, 4}, 2, options);
+  const cki::Tensor<double> first = assessment.forward(views);
+  const std::vector<double> entropies = assessment.entropies();
+  const std::vector<double> global_weights = assessment.global_weights();
+  REQUIRE(entropies.size() == 2);
+
+  // The same maps give the same merge, bit for bit.
+  CHECK((assessment.forward(views).array() == first.array()).all());
+
+  // Other maps change the merge but not the global level.
+  perturb(assessment, 58);
+  const cki::Tensor<double> moved = assessment.forward(views);
+  CHECK_FALSE((moved.array() == first.array()).all());
+  CHECK(assessment.entropies() == entropies);
+  CHECK(assessment.global_weights() == global_weights);
+
+  // Values changed in place keep the stored entropies until the reset.
+  // Alternating 0 and 1 fill the first and last bins, so the entropy is ln 2.
+  for (std::int64_t i = 0; i < models[1].size(); ++i) models[1][i] = static_cast<double>(i % 2);
+  assessment.forward(views);
+  CHECK(assessment.entropies() == entropies);
+  assessment.reset_global_weights();
+  CHECK(assessment.entropies().empty());
+  CHECK(assessment.global_weights().empty());
+  assessment.forward(views);
+  const std::vector<double> recomputed = assessment.entropies();
+  REQUIRE(recomputed.size() == 2);
+  CHECK(recomputed[0] == entropies[0]);
+  CHECK(recomputed[1] == Approx(std::log(2.0)));
+
+  // Other tensors (other data pointers) are noticed without a reset.
+  const auto others = random_tensors<double>(2, {5, 4}, 59);
+  assessment.forward(views_of(others));
+  const cki::InformationContent information(options.params.information());
+  const std::vector<double> other_entropies = assessment.entropies();
+  REQUIRE(other_entropies.size() == 2);
+  CHECK(other_entropies[0] == information(others[0].view(), "w"));
+  CHECK(other_entropies[1] == information(others[1].view(), "w"));
+}
+
+TEST_CASE("thread count leaves forward unchanged", "[learn][global]") {
+  // 300 rows of 40 span several blocks of the information content's loops.
+  const auto models = random_tensors<double>(3, {300, 40}, 60);
+  const auto views = views_of(models);
+  cki::LearnOptions options;
+  options.params = params_for(cki::RuleKind::softmax);
+  cki::LearnableAssessment<double> serial("w", {300, 40}, 3, options);
+  cki::LearnableAssessment<double> parallel("w", {300, 40}, 3, options);
+  const cki::Tensor<double> expected = serial.forward(views, 1);
+  const cki::Tensor<double> actual = parallel.forward(views, 2);
+  CHECK(parallel.entropies() == serial.entropies());
+  CHECK((actual.array() == expected.array()).all());
 }
 
 // ---------------------------------------------------------------------------
@@ -593,6 +664,20 @@ TEMPLATE_TEST_CASE("learner forward equals splice at start", "[learn][model]", f
   const auto learned = learner.forward();
   const auto expected = cki::splice(sets, cki::CkiSoft<TestType>(options.params), selection);
   check_same_sets(learned, expected.merged, tolerance<TestType>());
+
+  // The learner's global level is the one splice() reports.
+  for (const cki::TensorReport& tensor : expected.report.tensors) {
+    if (!learner.contains(tensor.name)) continue;
+    INFO("tensor " << tensor.name);
+    const auto& assessment = learner.assessment(tensor.name);
+    REQUIRE(assessment.entropies().size() == tensor.models.size());
+    REQUIRE(assessment.global_weights().size() == tensor.models.size());
+    for (std::size_t k = 0; k < tensor.models.size(); ++k) {
+      INFO("model " << k);
+      CHECK(assessment.entropies()[k] == tensor.models[k].entropy.value());
+      CHECK(assessment.global_weights()[k] == tensor.models[k].global_weight.value());
+    }
+  }
 }
 
 TEST_CASE("learner rejects unknown gradients", "[learn][model]") {

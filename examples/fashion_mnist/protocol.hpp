@@ -18,9 +18,6 @@
 
 #include <Eigen/Core>
 #include <nlohmann/json.hpp>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include <cki/weight_set.hpp>
 
@@ -179,32 +176,6 @@ inline void parallel_for(std::size_t count, int threads, const std::function<voi
   for (std::thread& thread : pool) thread.join();
   if (failure) std::rethrow_exception(failure);
 }
-
-/// Makes the library's OpenMP loops started from the calling thread serial
-/// while it lives, and restores the previous thread count after. Rows that
-/// merge thousands of times (the learned CKI row) need this. Each merge runs
-/// a few short OpenMP loops, and between them libgomp's idle workers
-/// spin-wait and take cores from the row's own worker threads (about 70% of
-/// the CPU time in a profile of that row on 2 cores).
-class SerialOpenMpScope {
- public:
-  SerialOpenMpScope() {
-#ifdef _OPENMP
-    previous_threads_ = omp_get_max_threads();
-    omp_set_num_threads(1);
-#endif
-  }
-  ~SerialOpenMpScope() {
-#ifdef _OPENMP
-    omp_set_num_threads(previous_threads_);
-#endif
-  }
-  SerialOpenMpScope(const SerialOpenMpScope&) = delete;
-  SerialOpenMpScope& operator=(const SerialOpenMpScope&) = delete;
-
- private:
-  int previous_threads_ = 1;
-};
 
 /// Scores `mlp` on `data` with the examples split over up to `threads`
 /// threads; the same scores as evaluate(), up to the order of the sums.

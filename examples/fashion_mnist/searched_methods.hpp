@@ -34,13 +34,17 @@ inline Method cki_calibrated_method() {
           [](const MergeInputs& in) -> std::optional<Candidate> {
             const std::vector<int>& sizes = in.params->sizes;
             const int threads = in.params->threads;
-            const SerialOpenMpScope serial_merges;
             auto validation_accuracy = [&](const cki::WeightSet<float>& merged) {
               return evaluate_parallel(from_weight_set(merged, sizes), *in.valid, threads).accuracy;
             };
             cki::CalibrationOptions options;
             options.order = cki::SearchOrder::random;
             options.seed = 0;
+            // Serial merges, because after each trial's short OpenMP loops
+            // the idle libgomp workers spin-wait and take cores from the
+            // evaluation's threads. The merged weights are the same for any
+            // thread count.
+            options.splice.threads = 1;
             const cki::CalibrationResult search =
                 cki::calibrate(*in.sets, validation_accuracy, cki::CalibrationSpace{},
                                static_cast<std::size_t>(in.params->calibration_budget), options);
@@ -125,7 +129,6 @@ inline Method cki_learned_method() {
           [](const MergeInputs& in) -> std::optional<Candidate> {
             const ProtocolParams& params = *in.params;
             const auto started = std::chrono::steady_clock::now();
-            const SerialOpenMpScope serial_merges;
             cki::LearnableSplice<float> learner(*in.sets, learned_cki_options(params.learn_temperature, params.learn_start_temperature));
             cki::Adam<float> adam;
             const std::vector<std::string> names = learner.names();

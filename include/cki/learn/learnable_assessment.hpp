@@ -164,6 +164,13 @@ struct AssessmentGradient {
 /// dLoss/dtheta* and returns dLoss/dM, dLoss/db and dLoss/dlog(tau) by the
 /// chain rule through soft splicing, the rule and the logistic.
 ///
+/// The entropies and global weights depend on the models only, so forward()
+/// computes them once and reuses them while it receives the same tensors
+/// (the same data pointers). After the first forward(), a training loop runs
+/// none of cki's OpenMP loops.
+/// NOTE: Eigen's matrix products in forward() and backward() may still use
+/// OpenMP threads. Eigen::setNbThreads() sets their count, not `threads`.
+///
 /// The maps start at the identity with zero bias, so the first forward pass
 /// equals data-free CKI (CkiSoft or CkiHard with `options.params`).
 /// \tparam Scalar compute scalar, float or double.
@@ -276,10 +283,18 @@ class LearnableAssessment {
   /// keeps the deviations, uncertainties and weights for backward(). The
   /// views are kept too, so the models must stay alive and unchanged until
   /// backward() has run. One model is returned unchanged.
-  /// Throws MismatchError for a wrong model count or shape, NumericError for
-  /// a NaN or infinite element or a learned temperature outside (0, 1e6].
-  Tensor<Scalar> forward(const std::vector<TensorView<Scalar>>& models) {
+  ///
+  /// Computes the entropies and global weights on `threads` threads (0 uses
+  /// the OpenMP default) only when the models' data pointers differ from
+  /// those of the last computation, and reuses them otherwise. Call
+  /// reset_global_weights() after changing a model's values in place.
+  /// Throws MismatchError for a wrong model count or shape,
+  /// std::invalid_argument for `threads` < 0, and NumericError for a learned
+  /// temperature outside (0, 1e6] or a NaN or infinite element. Elements are
+  /// checked only while the entropies are computed.
+  Tensor<Scalar> forward(const std::vector<TensorView<Scalar>>& models, int threads = 0) {
     check_models(models);
+    if (threads < 0) throw std::invalid_argument("'threads' must be >= 0, got " + std::to_string(threads));
     const auto n = static_cast<Eigen::Index>(models.size());
     has_forward_ = false;
     ordered_.clear();
@@ -292,7 +307,7 @@ class LearnableAssessment {
     }
 
     // Global level: entropies and global weights, no learned parameter.
-    global_weights_ = compute_global_weights();
+    update_global_weights(models, threads);
 
     // Local level: leave-one-out deviation, map and logistic.
     compute_deviations();
@@ -359,6 +374,26 @@ class LearnableAssessment {
     return ParameterBlock<Scalar>{parameters_.data(), gradient_.values.data(), parameters_.size()};
   }
 
+  /// Returns the information content (nats) of each model, in input order,
+  /// that the global weights come from. Empty before the first forward() of
+  /// a non-empty tensor and after reset_global_weights().
+  std::vector<double> entropies() const { return to_input_order(entropies_); }
+
+  /// Returns the global weight of each model, in input order, in double as
+  /// GlobalWeight computes it. The rule uses these values rounded to Scalar.
+  /// Empty whenever entropies() is empty.
+  std::vector<double> global_weights() const { return to_input_order(global_weight_values_); }
+
+  /// Drops the stored entropies and global weights, so that the next
+  /// forward() computes them again. forward() notices other tensors by their
+  /// data pointers, but not values changed in place.
+  void reset_global_weights() {
+    global_level_key_.clear();
+    entropies_.clear();
+    global_weight_values_.clear();
+    global_weights_.clear();
+  }
+
   /// Mean weight of each model (input order) in the last forward pass, or
   /// nothing before the first forward pass.
   std::vector<double> mean_weights() const {
@@ -420,18 +455,37 @@ class LearnableAssessment {
     }
   }
 
-  std::vector<Scalar> compute_global_weights() const {
+  // Base-first `values` in input order, or nothing when `values` is empty.
+  std::vector<double> to_input_order(const std::vector<double>& values) const {
+    if (values.empty()) return {};
+    std::vector<double> out(values.size());
+    for (std::size_t i = 0; i < values.size(); ++i) out[order_[i]] = values[i];
+    return out;
+  }
+
+  // Computes the entropies and global weights of ordered_ unless they were
+  // computed for the data pointers of `models`. Stores nothing when an
+  // element is not finite, so the next forward() checks the models again.
+  void update_global_weights(const std::vector<TensorView<Scalar>>& models, int threads) {
+    std::vector<const Scalar*> key;
+    for (const auto& view : models) key.push_back(view.data());
+    if (!global_level_key_.empty() && key == global_level_key_) return;
+
     const InformationContent information(options_.params.information());
     std::vector<double> entropies;
     for (std::size_t i = 0; i < ordered_.size(); ++i) {
       try {
-        entropies.push_back(information(ordered_[i], name_));
+        entropies.push_back(information(ordered_[i], name_, threads));
       } catch (const NumericError& error) {
         throw NumericError(std::string(error.what()) + " in model " + std::to_string(order_[i] + 1));
       }
     }
-    const std::vector<double> weights = GlobalWeight(options_.params.global())(entropies);
-    return std::vector<Scalar>(weights.begin(), weights.end());
+    std::vector<double> weights = GlobalWeight(options_.params.global())(entropies);
+
+    global_weights_.assign(weights.begin(), weights.end());
+    global_weight_values_ = std::move(weights);
+    entropies_ = std::move(entropies);
+    global_level_key_ = std::move(key);
   }
 
   // Leave-one-out deviation d_k = |theta_k - mean_{j != k} theta_j|, by the
@@ -598,10 +652,16 @@ class LearnableAssessment {
   Vector parameters_;
   AssessmentGradient<Scalar> gradient_;
 
+  // Entropies and global weights (base first) and the data pointers of the
+  // models (input order) they were computed for. All are empty until computed.
+  std::vector<const Scalar*> global_level_key_;
+  std::vector<double> entropies_;
+  std::vector<double> global_weight_values_;
+  std::vector<Scalar> global_weights_;
+
   // State of the last forward pass, columns base first.
   bool has_forward_ = false;
   std::vector<TensorView<Scalar>> ordered_;
-  std::vector<Scalar> global_weights_;
   BlockArray<Scalar> deviations_;
   BlockArray<Scalar> uncertainties_;
   BlockArray<Scalar> weights_;

@@ -40,8 +40,9 @@ class LearnableSplice {
  public:
   /// Sets up a learnable assessment, at identity maps, for every tensor that
   /// `selection` splices. The selection takes the base, include and exclude
-  /// patterns as splice() does, and ignores `threads`. The sets share their
-  /// storage with the caller's.
+  /// patterns as splice() does. Its `threads` are the threads of the
+  /// information content, which the first forward() computes once per tensor.
+  /// The sets share their storage with the caller's.
   /// Throws std::invalid_argument for N = 0, bad options or a rule that
   /// cannot combine N models, and MismatchError when the sets do not fit
   /// together.
@@ -94,9 +95,11 @@ class LearnableSplice {
   /// Merges the models with the current maps. Learned tensors are new
   /// tensors in the base's dtype. The others share the base's storage, and
   /// the metadata is the base's, as in splice(). Clears every gradient, so
-  /// a tensor that backward() then leaves out has a zero gradient.
-  /// Throws NumericError for a non-finite input element or a learned
-  /// temperature outside (0, 1e6].
+  /// a tensor that backward() then leaves out has a zero gradient. The
+  /// entropies and global weights come from the first forward(), because
+  /// the models stay fixed.
+  /// Throws NumericError for a learned temperature outside (0, 1e6], or for
+  /// a non-finite input element while the first forward() scans the models.
   WeightSet<Scalar> forward() {
     const WeightSet<Scalar>& base = models_[selection_.base];
     WeightSet<Scalar> merged;
@@ -111,7 +114,7 @@ class LearnableSplice {
       for (const auto& set : models_) views.push_back(set.view(entry.name));
       LearnableAssessment<Scalar>& assessment = assessments_[found->second];
       assessment.zero_gradient();
-      merged.add(entry.name, assessment.forward(views), entry.dtype);
+      merged.add(entry.name, assessment.forward(views, selection_.threads), entry.dtype);
     }
     return merged;
   }
