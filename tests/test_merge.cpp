@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 
 #include <cki/cki.hpp>
@@ -155,6 +156,53 @@ TEMPLATE_TEST_CASE("task arithmetic of identical models", "[merge][task-arithmet
     INFO("element " << i);
     CHECK(merged.values[i] == inputs.tensors[0][static_cast<std::int64_t>(i)]);
   }
+}
+
+// ------------------------------------ non-finite inputs of linear merges
+
+// Average and task arithmetic test their output for NaN and infinity
+// instead of scanning the inputs first; the error must stay the one the scan
+// gave: the first model in input order that holds such a value, and its
+// first index.
+TEMPLATE_TEST_CASE("linear merges name first non-finite input", "[merge][average][task-arithmetic]", float,
+                   double) {
+  const TestType inf = std::numeric_limits<TestType>::infinity();
+  // Model 1 holds +Inf at index 2, model 3 NaN at index 0; with model 2 as
+  // the base, model 1 still comes first in input order.
+  Inputs<TestType> inputs({2, 2}, {{0, 0, 0, 0}, {1, 1, 1, 1}, {2, 2, 2, 2}});
+  inputs.tensors[0].data()[2] = inf;
+  inputs.tensors[2].data()[0] = std::numeric_limits<TestType>::quiet_NaN();
+  const std::string expected = "tensor 'layer.weight' of shape [2, 2] holds +Inf at index 2 ([1, 0]) in model 1";
+  CHECK_THROWS_WITH(merge_tensor(cki::AveragePolicy<TestType>(), inputs, 1), expected);
+  CHECK_THROWS_WITH(merge_tensor(cki::TaskArithmeticPolicy<TestType>(), inputs, 1), expected);
+  CHECK_THROWS_WITH(merge_tensor(cki::AveragePolicy<TestType>(), inputs, 1, 2), expected);
+}
+
+TEMPLATE_TEST_CASE("linear merges check zero-weight inputs", "[merge][average][task-arithmetic]",
+                   float, double) {
+  // A weight of 0 keeps the model's values out of the output, so the output
+  // is finite; the model is still checked, as every input is.
+  Inputs<TestType> inputs({3}, {{1, 2, 3}, {4, 5, 6}, {7, 8, 9}});
+  inputs.tensors[2].data()[1] = std::numeric_limits<TestType>::quiet_NaN();
+  cki::AverageParams average;
+  average.weights = {1, 1, 0};
+  CHECK_THROWS_WITH(merge_tensor(cki::AveragePolicy<TestType>(average), inputs),
+                    Contains("holds NaN at index 1 ([1]) in model 3"));
+  cki::TaskArithmeticParams task;
+  task.weights = {1, 1, 0};
+  CHECK_THROWS_WITH(merge_tensor(cki::TaskArithmeticPolicy<TestType>(task), inputs),
+                    Contains("holds NaN at index 1 ([1]) in model 3"));
+}
+
+TEMPLATE_TEST_CASE("task arithmetic overflow is no error", "[merge][task-arithmetic]",
+                   float, double) {
+  // base + (delta_1 + delta_2) with deltas of 0.75 x max overflows to +Inf,
+  // element 0 only; the inputs are finite, so no input is blamed.
+  const double big = 0.75 * static_cast<double>(std::numeric_limits<TestType>::max());
+  const Inputs<TestType> inputs({2}, {{0, 0}, {big, 1}, {big, 2}});
+  const auto merged = merge_tensor(cki::TaskArithmeticPolicy<TestType>(), inputs);
+  CHECK(std::isinf(merged.values[0]));
+  CHECK(merged[1] == Approx(3.0));
 }
 
 // ------------------------------------------------------------------ ties

@@ -15,6 +15,7 @@
 
 #include "cki/errors.hpp"
 #include "cki/tensor.hpp"
+#include "cki/detail/finite.hpp"
 #include "cki/detail/kernels.hpp"
 #include "cki/detail/parallel.hpp"
 
@@ -36,32 +37,6 @@ struct InformationContentParams {
 };
 
 namespace detail {
-
-/// Formats the position of flat element `index` of `shape` as "index 5 ([1, 2])".
-inline std::string element_position(std::int64_t index, const Shape& shape) {
-  Shape position(shape.size());
-  std::int64_t rest = index;
-  for (std::size_t d = shape.size(); d-- > 0;) {
-    if (shape[d] > 0) {
-      position[d] = rest % shape[d];
-      rest /= shape[d];
-    }
-  }
-  return "index " + std::to_string(index) + " (" + shape_to_string(position) + ")";
-}
-
-/// Throws NumericError for the non-finite element at `index` of tensor
-/// `name`; `label` names the model ("model 2 ('a.safetensors')") or is empty.
-template <typename Scalar>
-[[noreturn]] void throw_non_finite(const std::string& name, const std::string& label,
-                                   const TensorView<Scalar>& tensor, std::int64_t index) {
-  const Scalar value = tensor[index];
-  const char* text = std::isnan(value) ? "NaN" : (value > 0 ? "+Inf" : "-Inf");
-  std::string message = "tensor '" + name + "' of shape " + shape_to_string(tensor.shape()) + " holds " +
-                        text + " at " + element_position(index, tensor.shape());
-  if (!label.empty()) message += " in " + label;
-  throw NumericError(message);
-}
 
 /// The bin formula of the information content over [lowest, highest] with
 /// `bins` bins, j = min(B - 1, floor((x - lowest) / (highest - lowest) * B))
@@ -131,34 +106,6 @@ class BinFormula {
   double range_;
   int bins_;
 };
-
-/// Index of the first non-finite element of `tensor`, or -1 when all are
-/// finite. Runs over fixed blocks in parallel.
-template <typename Scalar>
-std::int64_t first_non_finite(const TensorView<Scalar>& tensor, int threads = 0) {
-  const BlockPlan plan(tensor.size(), 1);
-  std::vector<std::int64_t> first(static_cast<std::size_t>(plan.block_count), -1);
-  for_each_block(
-      plan.block_count, threads, [](int) {},
-      [&](std::int64_t block, int) {
-        const std::int64_t begin = plan.begin(block);
-        const std::int64_t count = plan.end(block) - begin;
-        Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>> values(tensor.data() + begin, count);
-        // x * 0 is NaN for NaN and infinite x and zero otherwise, so one
-        // vectorised sum tests the whole block (allFinite() is a scalar loop).
-        if (!std::isnan((values * Scalar(0)).sum())) return;
-        for (std::int64_t i = 0; i < count; ++i) {
-          if (!std::isfinite(values[i])) {
-            first[static_cast<std::size_t>(block)] = begin + i;
-            return;
-          }
-        }
-      });
-  for (std::int64_t index : first) {
-    if (index >= 0) return index;
-  }
-  return -1;
-}
 
 }  // namespace detail
 

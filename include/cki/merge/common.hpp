@@ -2,18 +2,21 @@
 // parameter messages, and the block loops for linear combinations.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <iomanip>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <Eigen/Core>
 #include <nlohmann/json.hpp>
 
 #include "cki/assessment/context.hpp"
+#include "cki/detail/finite.hpp"
 #include "cki/detail/format.hpp"
 #include "cki/detail/parallel.hpp"
 #include "cki/splicing/report.hpp"
@@ -40,6 +43,41 @@ inline void check_weight_count(const std::vector<double>& weights, std::size_t n
   }
 }
 
+/// Checks the weight list of an average: each weight finite and >= 0, with
+/// a positive sum. An empty list means equal weights.
+inline void check_average_weights(const std::vector<double>& weights) {
+  check_weight_values(weights, false);
+  double total = 0;
+  for (double weight : weights) total += weight;
+  if (!weights.empty() && !(total > 0)) {
+    throw std::invalid_argument("'weights' must have a sum > 0, got " + format_value(total));
+  }
+}
+
+/// The members shared by the policies whose parameters carry a per-model
+/// `weights` list: the parameters, their JSON form and a check of the
+/// weight count.
+/// \tparam Params a parameter struct with `weights`, check() and to_json().
+template <typename Params>
+class WeightedPolicy {
+ public:
+  WeightedPolicy() = default;
+  /// Throws std::invalid_argument naming the first field out of range.
+  explicit WeightedPolicy(Params params) : params_(std::move(params)) { params_.check(); }
+
+  nlohmann::json parameters() const { return params_.to_json(); }
+  const Params& params() const { return params_; }
+
+  /// Throws std::invalid_argument when the weights do not fit `n_models`.
+  void check(std::size_t n_models) const {
+    params_.check();
+    check_weight_count(params_.weights, n_models);
+  }
+
+ protected:
+  Params params_;
+};
+
 /// Returns each model's weight in base-first order, the order merge()
 /// receives the models: `weights[context.order[i]]`, or 1 when `weights` is
 /// empty.
@@ -54,68 +92,99 @@ inline std::vector<double> weights_base_first(const std::vector<double>& weights
 /// work element by element, so blocks need not hold whole rows.
 inline BlockPlan element_plan(std::int64_t numel) { return BlockPlan(numel, 1); }
 
-/// Writes `out[i] = sum_k coefficients[k] * models[k][i]`, skipping models
-/// whose coefficient is 0 (so their values never reach the output). Every
-/// element is computed by the same operations for any thread count.
-template <typename Scalar>
-void linear_combination(const std::vector<TensorView<Scalar>>& models, const std::vector<Scalar>& coefficients,
-                        Scalar* out, int threads) {
-  using Column = Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
-  const BlockPlan plan = element_plan(models.front().size());
+/// Runs `combine(begin, merged)` on each block of the `numel` elements of
+/// `out`, where `merged` is an Eigen array map of the block's output, and
+/// returns true when every value written is finite. The test runs on each
+/// block while it is still in cache.
+template <typename Scalar, typename Combine>
+bool combine_blocks(std::int64_t numel, Scalar* out, int threads, Combine&& combine) {
+  const BlockPlan plan = element_plan(numel);
+  std::vector<char> finite(static_cast<std::size_t>(plan.block_count), 1);
   for_each_block(
       plan.block_count, threads, [](int) {},
       [&](std::int64_t block, int) {
         const std::int64_t begin = plan.begin(block);
         const std::int64_t count = plan.end(block) - begin;
         Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>> merged(out + begin, count);
-        bool first = true;
-        for (std::size_t k = 0; k < models.size(); ++k) {
-          if (coefficients[k] == Scalar(0)) continue;
-          const Column values(models[k].data() + begin, count);
-          if (first) {
-            merged = coefficients[k] * values;
-            first = false;
-          } else {
-            merged += coefficients[k] * values;
-          }
-        }
-        if (first) merged.setZero();
+        combine(begin, merged);
+        finite[static_cast<std::size_t>(block)] = all_finite(out + begin, count) ? 1 : 0;
       });
+  return std::all_of(finite.begin(), finite.end(), [](char value) { return value != 0; });
+}
+
+/// Sets `merged` to the sum over k >= `first` of coefficients[k] * term(k),
+/// skipping the models whose coefficient is 0. Returns false, leaving
+/// `merged` untouched, when every coefficient is 0.
+template <typename Scalar, typename Merged, typename Term>
+bool add_terms(Merged& merged, const std::vector<Scalar>& coefficients, std::size_t first, Term&& term) {
+  bool any = false;
+  for (std::size_t k = first; k < coefficients.size(); ++k) {
+    if (coefficients[k] == Scalar(0)) continue;
+    if (any) {
+      merged += coefficients[k] * term(k);
+    } else {
+      merged = coefficients[k] * term(k);
+      any = true;
+    }
+  }
+  return any;
+}
+
+/// Writes `out[i] = sum_k coefficients[k] * models[k][i]`, skipping models
+/// whose coefficient is 0 (so their values never reach the output). Every
+/// element is computed by the same operations for any thread count.
+/// Returns true when every output value is finite.
+template <typename Scalar>
+bool linear_combination(const std::vector<TensorView<Scalar>>& models, const std::vector<Scalar>& coefficients,
+                        Scalar* out, int threads) {
+  using Column = Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
+  return combine_blocks(models.front().size(), out, threads, [&](std::int64_t begin, auto& merged) {
+    const auto term = [&](std::size_t k) { return Column(models[k].data() + begin, merged.size()); };
+    if (!add_terms(merged, coefficients, 0, term)) merged.setZero();
+  });
 }
 
 /// Writes `out[i] = base[i] + sum_{k >= 1} coefficients[k] * (models[k][i] -
 /// base[i])` with `models[0]` the base; `coefficients[0]` is unused.
+/// Returns true when every output value is finite.
 template <typename Scalar>
-void add_scaled_deltas(const std::vector<TensorView<Scalar>>& models, const std::vector<Scalar>& coefficients,
+bool add_scaled_deltas(const std::vector<TensorView<Scalar>>& models, const std::vector<Scalar>& coefficients,
                        Scalar* out, int threads) {
   using Column = Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
-  const BlockPlan plan = element_plan(models.front().size());
-  for_each_block(
-      plan.block_count, threads, [](int) {},
-      [&](std::int64_t block, int) {
-        const std::int64_t begin = plan.begin(block);
-        const std::int64_t count = plan.end(block) - begin;
-        Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>> merged(out + begin, count);
-        const Column base(models[0].data() + begin, count);
+  return combine_blocks(models.front().size(), out, threads, [&](std::int64_t begin, auto& merged) {
+    const Column base(models[0].data() + begin, merged.size());
+    const auto delta = [&](std::size_t k) { return Column(models[k].data() + begin, merged.size()) - base; };
+    // Sum of scaled deltas first, then the base, as in base + (sum).
+    if (add_terms(merged, coefficients, 1, delta)) {
+      merged += base;
+    } else {
+      merged = base;
+    }
+  });
+}
 
-        // Sum of scaled deltas first, then the base, as in base + (sum).
-        bool first = true;
-        for (std::size_t k = 1; k < models.size(); ++k) {
-          if (coefficients[k] == Scalar(0)) continue;
-          const Column values(models[k].data() + begin, count);
-          if (first) {
-            merged = coefficients[k] * (values - base);
-            first = false;
-          } else {
-            merged += coefficients[k] * (values - base);
-          }
-        }
-        if (first) {
-          merged = base;
-        } else {
-          merged += base;
-        }
-      });
+/// Raises the error splice_tensor() raises for a non-finite input, for a
+/// policy that merges first and checks after (see `checks_finite` on
+/// SplicingPolicy). `models` are base first as merge() receives them;
+/// `reached[i]` says whether every value of models[i] reached the output,
+/// which holds a NaN or infinity whenever such an input did. When
+/// `output_finite` is false every model is scanned, otherwise only those
+/// that did not reach the output. Throws NumericError naming the tensor,
+/// the model and the first index, for the first model in input order that
+/// holds a non-finite value; returns when there is none (a finite merge,
+/// or an overflow of finite inputs).
+template <typename Scalar>
+void check_inputs_after_merge(const TensorContext& context, const std::vector<TensorView<Scalar>>& models,
+                              const std::vector<bool>& reached, bool output_finite) {
+  const bool ordered = context.order.size() == models.size();
+  std::vector<std::size_t> position(models.size());  // input index -> index in `models`
+  for (std::size_t i = 0; i < models.size(); ++i) position[ordered ? context.order[i] : i] = i;
+  for (std::size_t i : position) {
+    if (output_finite && reached[i]) continue;
+    const std::int64_t bad = first_non_finite(models[i], context.threads);
+    if (bad < 0) continue;
+    throw_non_finite(context.name, i < context.labels.size() ? context.labels[i] : "", models[i], bad);
+  }
 }
 
 /// Returns the Gram matrix in double of the vectors x_a = models[first + a],

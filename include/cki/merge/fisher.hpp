@@ -36,12 +36,7 @@ struct FisherParams {
 
   /// Throws std::invalid_argument naming the first field out of range.
   void check() const {
-    detail::check_weight_values(weights, false);
-    double total = 0;
-    for (double weight : weights) total += weight;
-    if (!weights.empty() && !(total > 0)) {
-      throw std::invalid_argument("'weights' must have a sum > 0, got " + detail::format_value(total));
-    }
+    detail::check_average_weights(weights);
     if (!(std::isfinite(floor) && floor > 0)) detail::throw_out_of_range("floor", "finite and > 0", floor);
   }
 
@@ -99,7 +94,7 @@ FisherSource<Scalar> fisher_from_weight_sets(std::vector<WeightSet<Scalar>> sets
 /// tensor from the FisherSource. Fisher values must be finite and >= 0.
 /// \tparam Scalar compute scalar, float or double.
 template <typename Scalar>
-class FisherPolicy {
+class FisherPolicy : public detail::WeightedPolicy<FisherParams> {
  public:
   using scalar_type = Scalar;
 
@@ -107,19 +102,14 @@ class FisherPolicy {
 
   /// Throws std::invalid_argument naming the first field out of range.
   FisherPolicy(FisherParams params, FisherSource<Scalar> source)
-      : params_(std::move(params)), source_(std::move(source)) {
-    params_.check();
-  }
+      : WeightedPolicy(std::move(params)), source_(std::move(source)) {}
 
   std::string name() const { return "fisher"; }
-  nlohmann::json parameters() const { return params_.to_json(); }
-  const FisherParams& params() const { return params_; }
 
   /// Throws std::invalid_argument when the weights do not fit `n_models` or
   /// no FisherSource was given.
   void check(std::size_t n_models) const {
-    params_.check();
-    detail::check_weight_count(params_.weights, n_models);
+    WeightedPolicy::check(n_models);
     if (!source_) {
       throw std::invalid_argument("fisher needs the models' Fisher tensors: construct FisherPolicy with a "
                                   "FisherSource, for example fisher_from_weight_sets()");
@@ -244,7 +234,6 @@ class FisherPolicy {
     return supplied;
   }
 
-  FisherParams params_;
   FisherSource<Scalar> source_;
 };
 

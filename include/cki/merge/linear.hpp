@@ -24,14 +24,7 @@ struct AverageParams {
   std::vector<double> weights;
 
   /// Throws std::invalid_argument naming the first field out of range.
-  void check() const {
-    detail::check_weight_values(weights, false);
-    double total = 0;
-    for (double weight : weights) total += weight;
-    if (!weights.empty() && !(total > 0)) {
-      throw std::invalid_argument("'weights' must have a sum > 0, got " + detail::format_value(total));
-    }
-  }
+  void check() const { detail::check_average_weights(weights); }
 
   nlohmann::json to_json() const { return {{"weights", weights}}; }
 
@@ -51,26 +44,20 @@ struct AverageParams {
 /// computed as sum_k (w_k / sum_j w_j) theta_k.
 /// \tparam Scalar compute scalar, float or double.
 template <typename Scalar>
-class AveragePolicy {
+class AveragePolicy : public detail::WeightedPolicy<AverageParams> {
  public:
   using scalar_type = Scalar;
-
-  AveragePolicy() = default;
-  /// Throws std::invalid_argument naming the first field out of range.
-  explicit AveragePolicy(AverageParams params) : params_(std::move(params)) { params_.check(); }
+  using WeightedPolicy::WeightedPolicy;
 
   std::string name() const { return "average"; }
-  nlohmann::json parameters() const { return params_.to_json(); }
-  const AverageParams& params() const { return params_; }
-
-  /// Throws std::invalid_argument when the weights do not fit `n_models`.
-  void check(std::size_t n_models) const {
-    params_.check();
-    detail::check_weight_count(params_.weights, n_models);
-  }
+  /// True: merge() tests its output for NaN and infinity and finds the
+  /// input that caused them, so splice_tensor() need not scan first.
+  bool checks_finite() const { return true; }
 
   /// Averages one tensor of N models (base first) into `out`; each model's
-  /// mean weight in the stats is its normalised weight.
+  /// mean weight in the stats is its normalised weight. Throws NumericError
+  /// for a NaN or infinite input, found by testing the output as it is
+  /// written rather than by a separate pass over the inputs.
   TensorMergeResult merge(const TensorContext& context, const std::vector<TensorView<Scalar>>& models,
                           Scalar* out) const {
     const std::vector<double> weights = detail::weights_base_first(params_.weights, context);
@@ -82,12 +69,12 @@ class AveragePolicy {
       normalised[k] = weights[k] / total;
       coefficients[k] = static_cast<Scalar>(normalised[k]);
     }
-    detail::linear_combination(models, coefficients, out, context.threads);
+    const bool finite = detail::linear_combination(models, coefficients, out, context.threads);
+    std::vector<bool> reached(models.size());
+    for (std::size_t k = 0; k < models.size(); ++k) reached[k] = coefficients[k] != Scalar(0);
+    detail::check_inputs_after_merge(context, models, reached, finite);
     return detail::stats_with_mean_weights(normalised);
   }
-
- private:
-  AverageParams params_;
 };
 
 /// Parameters of task arithmetic.
@@ -126,26 +113,19 @@ struct TaskArithmeticParams {
 /// over the fine-tunes k.
 /// \tparam Scalar compute scalar, float or double.
 template <typename Scalar>
-class TaskArithmeticPolicy {
+class TaskArithmeticPolicy : public detail::WeightedPolicy<TaskArithmeticParams> {
  public:
   using scalar_type = Scalar;
-
-  TaskArithmeticPolicy() = default;
-  /// Throws std::invalid_argument naming the first field out of range.
-  explicit TaskArithmeticPolicy(TaskArithmeticParams params) : params_(std::move(params)) { params_.check(); }
+  using WeightedPolicy::WeightedPolicy;
 
   std::string name() const { return "task-arithmetic"; }
-  nlohmann::json parameters() const { return params_.to_json(); }
-  const TaskArithmeticParams& params() const { return params_; }
-
-  /// Throws std::invalid_argument when the weights do not fit `n_models`.
-  void check(std::size_t n_models) const {
-    params_.check();
-    detail::check_weight_count(params_.weights, n_models);
-  }
+  /// True: merge() tests its output for NaN and infinity and finds the
+  /// input that caused them, so splice_tensor() need not scan first.
+  bool checks_finite() const { return true; }
 
   /// Merges one tensor of N models (base first) into `out`. The stats carry
-  /// no per-model values.
+  /// no per-model values. Throws NumericError for a NaN or infinite input,
+  /// found by testing the output as it is written.
   TensorMergeResult merge(const TensorContext& context, const std::vector<TensorView<Scalar>>& models,
                           Scalar* out) const {
     const std::vector<double> weights = detail::weights_base_first(params_.weights, context);
@@ -153,12 +133,12 @@ class TaskArithmeticPolicy {
     for (std::size_t k = 1; k < weights.size(); ++k) {
       coefficients[k] = static_cast<Scalar>(params_.lambda * weights[k]);
     }
-    detail::add_scaled_deltas(models, coefficients, out, context.threads);
+    const bool finite = detail::add_scaled_deltas(models, coefficients, out, context.threads);
+    std::vector<bool> reached(models.size());
+    for (std::size_t k = 0; k < models.size(); ++k) reached[k] = k == 0 || coefficients[k] != Scalar(0);
+    detail::check_inputs_after_merge(context, models, reached, finite);
     return std::vector<ModelTensorStats>(models.size());
   }
-
- private:
-  TaskArithmeticParams params_;
 };
 
 }  // namespace cki
