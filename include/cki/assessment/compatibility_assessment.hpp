@@ -3,8 +3,10 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -14,6 +16,7 @@
 #include "cki/assessment/global_weight.hpp"
 #include "cki/assessment/information_content.hpp"
 #include "cki/assessment/local_uncertainty.hpp"
+#include "cki/assessment/softmax_curves.hpp"
 #include "cki/detail/traits.hpp"
 
 namespace cki {
@@ -150,6 +153,26 @@ class CompatibilityAssessment {
                                   " weights for " + std::to_string(models.size()) + " models");
     }
     return out;
+  }
+
+  /// The element weights of this tensor as fitted curves (see
+  /// detail::SoftmaxCurves), when the default local uncertainty and the
+  /// softmax rule compute them in float and the tensor has no assessment
+  /// map; nothing otherwise, or when the curves miss their error bound.
+  /// `global_weights` are base first, as assess_tensor() returns them.
+  std::optional<detail::SoftmaxCurves> softmax_curves(const TensorContext& context,
+                                                      const std::vector<double>& global_weights) const {
+    if constexpr (std::is_same_v<Scalar, float> && std::is_same_v<Local, LocalUncertainty<float>> &&
+                  std::is_same_v<Rule, CombinationRule>) {
+      if (global_weights.size() >= 2 && rule_.params().rule == RuleKind::softmax &&
+          local_.maps_for(context.name) == nullptr) {
+        return detail::SoftmaxCurves::fit(global_weights, rule_.params().temperature, local_.params().scale);
+      }
+    } else {
+      (void)context;
+      (void)global_weights;
+    }
+    return std::nullopt;
   }
 
   /// Writes the element weights of one block into the first `count` rows of

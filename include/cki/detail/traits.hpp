@@ -75,6 +75,23 @@ bool needs_whole_rows(const T& functor, const TensorContext& context) {
 }
 
 template <typename T, typename = void>
+struct has_softmax_curves : std::false_type {};
+template <typename T>
+struct has_softmax_curves<T, std::void_t<decltype(std::declval<const T&>().softmax_curves(
+                                 std::declval<const TensorContext&>(), std::declval<const std::vector<double>&>()))>>
+    : std::true_type {};
+
+template <typename Splice, typename Scalar, typename = void>
+struct has_apply_scaled : std::false_type {};
+template <typename Splice, typename Scalar>
+struct has_apply_scaled<Splice, Scalar,
+                        std::void_t<decltype(Splice::apply_scaled(
+                            std::declval<const BlockArray<Scalar>&>(), std::declval<const Scalar*>(),
+                            std::declval<const Scalar* const*>(), std::int64_t{}, Eigen::Index{},
+                            std::declval<Scalar*>(), std::declval<double*>(), std::declval<std::int64_t*>()))>>
+    : std::true_type {};
+
+template <typename T, typename = void>
 struct has_parameters : std::false_type {};
 template <typename T>
 struct has_parameters<T, std::void_t<decltype(std::declval<const T&>().parameters())>>

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -30,11 +31,36 @@ struct SoftSplice {
   template <typename Scalar>
   static void apply(const BlockArray<Scalar>& w, const Scalar* const* block, std::int64_t count,
                     Eigen::Index n, Scalar* out, double* weight_sums, std::int64_t* /*hard_counts*/) {
-    using Column = Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
     Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>> merged(out, count);
+    weighted_sum(w, block, count, n, merged);
+    for (Eigen::Index k = 0; k < n; ++k) weight_sums[k] += detail::sum_as_double(w.col(k).data(), count);
+  }
+
+  /// As apply(), with the weights given as w_k = u_k * scale: `u` unscaled,
+  /// `scale` one factor per element (the reciprocal of the row total). The
+  /// merged element is scale * sum_k u_k theta_k. The weight sums add up
+  /// u_k * scale in Scalar within the call, so `count` should be small (a
+  /// chunk of SoftmaxCurves::kChunk elements) to keep them accurate.
+  template <typename Scalar>
+  static void apply_scaled(const BlockArray<Scalar>& u, const Scalar* scale, const Scalar* const* block,
+                           std::int64_t count, Eigen::Index n, Scalar* out, double* weight_sums,
+                           std::int64_t* /*hard_counts*/) {
+    const Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>> factor(scale, count);
+    Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>> merged(out, count);
+    weighted_sum(u, block, count, n, merged);
+    merged *= factor;
+    for (Eigen::Index k = 0; k < n; ++k) {
+      weight_sums[k] += static_cast<double>((u.col(k).head(count) * factor).sum());
+    }
+  }
+
+ private:
+  template <typename Scalar, typename Merged>
+  static void weighted_sum(const BlockArray<Scalar>& w, const Scalar* const* block, std::int64_t count,
+                           Eigen::Index n, Merged& merged) {
+    using Column = Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
     merged = w.col(0).head(count) * Column(block[0], count);
     for (Eigen::Index k = 1; k < n; ++k) merged += w.col(k).head(count) * Column(block[k], count);
-    for (Eigen::Index k = 0; k < n; ++k) weight_sums[k] += detail::sum_as_double(w.col(k).data(), count);
   }
 };
 
@@ -49,19 +75,43 @@ struct HardSplice {
   template <typename Scalar>
   static void apply(const BlockArray<Scalar>& w, const Scalar* const* block, std::int64_t count,
                     Eigen::Index n, Scalar* out, double* weight_sums, std::int64_t* hard_counts) {
-    // The running argmax visits the models in order and replaces the best
-    // only on a strictly higher weight, so ties keep the lower index. The
-    // branch-free selects below vectorise; the chunk buffers live on the stack.
+    select<false>(w, static_cast<const Scalar*>(nullptr), block, count, n, out, hard_counts);
+    for (Eigen::Index k = 0; k < n; ++k) weight_sums[k] += detail::sum_as_double(w.col(k).data(), count);
+  }
+
+  /// As apply(), with the weights given as w_k = u_k * scale (see
+  /// SoftSplice::apply_scaled). The weights compared are the products as
+  /// computed in Scalar, so ties are decided on the same values apply()
+  /// would see after scaling.
+  template <typename Scalar>
+  static void apply_scaled(const BlockArray<Scalar>& u, const Scalar* scale, const Scalar* const* block,
+                           std::int64_t count, Eigen::Index n, Scalar* out, double* weight_sums,
+                           std::int64_t* hard_counts) {
+    select<true>(u, scale, block, count, n, out, hard_counts);
+    const Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>> factor(scale, count);
+    for (Eigen::Index k = 0; k < n; ++k) {
+      weight_sums[k] += static_cast<double>((u.col(k).head(count) * factor).sum());
+    }
+  }
+
+ private:
+  // The running argmax visits the models in order and replaces the best
+  // only on a strictly higher weight, so ties keep the lower index. The
+  // branch-free selects below vectorise; the chunk buffers live on the stack.
+  template <bool kScaled, typename Scalar>
+  static void select(const BlockArray<Scalar>& w, const Scalar* scale, const Scalar* const* block,
+                     std::int64_t count, Eigen::Index n, Scalar* out, std::int64_t* hard_counts) {
     constexpr std::int64_t kChunk = 256;
     Scalar best_weight[kChunk];
     Scalar best_model[kChunk];  // model index, exact in Scalar
     for (std::int64_t start = 0; start < count; start += kChunk) {
       const std::int64_t length = std::min(kChunk, count - start);
+      const Scalar* factor = kScaled ? scale + start : nullptr;
       const Scalar* first_weight = w.col(0).data() + start;
       const Scalar* first_value = block[0] + start;
       Scalar* merged = out + start;
       for (std::int64_t i = 0; i < length; ++i) {
-        best_weight[i] = first_weight[i];
+        best_weight[i] = kScaled ? first_weight[i] * factor[i] : first_weight[i];
         best_model[i] = Scalar(0);
         merged[i] = first_value[i];
       }
@@ -70,8 +120,9 @@ struct HardSplice {
         const Scalar* value = block[k] + start;
         const auto model = static_cast<Scalar>(k);
         for (std::int64_t i = 0; i < length; ++i) {
-          const bool higher = weight[i] > best_weight[i];
-          best_weight[i] = higher ? weight[i] : best_weight[i];
+          const Scalar current = kScaled ? weight[i] * factor[i] : weight[i];
+          const bool higher = current > best_weight[i];
+          best_weight[i] = higher ? current : best_weight[i];
           best_model[i] = higher ? model : best_model[i];
           merged[i] = higher ? value[i] : merged[i];
         }
@@ -80,7 +131,6 @@ struct HardSplice {
         hard_counts[k] += detail::count_equal(best_model, length, static_cast<Scalar>(k));
       }
     }
-    for (Eigen::Index k = 0; k < n; ++k) weight_sums[k] += detail::sum_as_double(w.col(k).data(), count);
   }
 };
 
@@ -142,18 +192,33 @@ class SplicingPolicy {
     std::vector<double> weight_sums(blocks * static_cast<std::size_t>(n), 0.0);
     std::vector<std::int64_t> hard_counts(blocks * static_cast<std::size_t>(n), 0);
     std::vector<Workspace> workspaces(static_cast<std::size_t>(detail::thread_count(context.threads)));
+    const std::optional<detail::SoftmaxCurves> curves = softmax_curves(context, global.global_weight);
 
     detail::for_each_block(
         plan.block_count, context.threads,
-        [&](int thread) { workspaces[static_cast<std::size_t>(thread)].allocate(capacity, n); },
+        [&](int thread) { workspaces[static_cast<std::size_t>(thread)].allocate(capacity, n, curves.has_value()); },
         [&](std::int64_t block, int thread) {
           Workspace& work = workspaces[static_cast<std::size_t>(thread)];
           const std::int64_t begin = plan.begin(block);
           const std::int64_t count = plan.end(block) - begin;
+          const auto offset = static_cast<std::size_t>(block) * static_cast<std::size_t>(n);
+          if constexpr (std::is_same_v<Scalar, float>) {
+            if (curves) {
+              // Chunks small enough that weights and work columns stay in
+              // the first-level cache between computing and using them.
+              for (std::int64_t start = 0; start < count; start += detail::SoftmaxCurves::kChunk) {
+                const std::int64_t length = std::min(detail::SoftmaxCurves::kChunk, count - start);
+                for (Eigen::Index k = 0; k < n; ++k) work.pointers[k] = models[k].data() + begin + start;
+                const Scalar* scale = curves->weights(work.pointers.data(), length, work.w, work.scratch);
+                apply_scaled(work.w, scale, work.pointers.data(), length, n, out + begin + start,
+                             weight_sums.data() + offset, hard_counts.data() + offset);
+              }
+              return;
+            }
+          }
           for (Eigen::Index k = 0; k < n; ++k) work.pointers[k] = models[k].data() + begin;
           assessment_.assess_block(context, global_weights, work.pointers.data(), count, work.l, work.w,
                                    work.scratch);
-          const auto offset = static_cast<std::size_t>(block) * static_cast<std::size_t>(n);
           Splice::apply(work.w, work.pointers.data(), count, n, out + begin, weight_sums.data() + offset,
                         hard_counts.data() + offset);
         });
@@ -181,13 +246,46 @@ class SplicingPolicy {
     BlockArray<Scalar> l, w, scratch;
     std::vector<const Scalar*> pointers;
 
-    void allocate(std::int64_t capacity, Eigen::Index n) {
-      l.resize(capacity, n);
-      w.resize(capacity, n);
-      scratch.resize(capacity, std::max<Eigen::Index>(n, 2));
+    // With fitted curves the weights of one chunk need no `l`.
+    void allocate(std::int64_t capacity, Eigen::Index n, bool curves) {
+      if (curves) {
+        w.resize(detail::SoftmaxCurves::kChunk, n);
+        scratch.resize(detail::SoftmaxCurves::kChunk, detail::SoftmaxCurves::kScratchColumns);
+      } else {
+        l.resize(capacity, n);
+        w.resize(capacity, n);
+        scratch.resize(capacity, std::max<Eigen::Index>(n, 2));
+      }
       pointers.resize(static_cast<std::size_t>(n));
     }
   };
+
+  // Splices with weights u_k * scale: with the splice's apply_scaled() when
+  // it has one, otherwise by scaling `u` in place and calling apply().
+  static void apply_scaled(BlockArray<Scalar>& u, const Scalar* scale, const Scalar* const* block,
+                           std::int64_t count, Eigen::Index n, Scalar* out, double* weight_sums,
+                           std::int64_t* hard_counts) {
+    if constexpr (detail::has_apply_scaled<Splice, Scalar>::value) {
+      Splice::apply_scaled(u, scale, block, count, n, out, weight_sums, hard_counts);
+    } else {
+      const Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>> factor(scale, count);
+      for (Eigen::Index k = 0; k < n; ++k) u.col(k).head(count) *= factor;
+      Splice::apply(u, block, count, n, out, weight_sums, hard_counts);
+    }
+  }
+
+  // The assessment's fitted softmax curves for this tensor, when it offers
+  // them (CompatibilityAssessment<float> with its default parts does).
+  std::optional<detail::SoftmaxCurves> softmax_curves(const TensorContext& context,
+                                                      const std::vector<double>& global_weights) const {
+    if constexpr (detail::has_softmax_curves<Assessment>::value) {
+      return assessment_.softmax_curves(context, global_weights);
+    } else {
+      (void)context;
+      (void)global_weights;
+      return std::nullopt;
+    }
+  }
 
   Assessment assessment_;
 };

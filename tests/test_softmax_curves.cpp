@@ -1,0 +1,259 @@
+// Tests of detail::SoftmaxCurves, which computes the default assessment's
+// softmax weights in float from one polynomial per model. The weights are
+// checked against the stage-wise functors in double, and splice() with the
+// curves against splice() without them.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include <cki/cki.hpp>
+
+namespace {
+
+/// Combination rule of a type other than CombinationRule. An assessment
+/// built with it offers no fitted curves, so splice() runs the stage-wise
+/// functors.
+struct StagewiseRule : cki::CombinationRule {
+  using CombinationRule::CombinationRule;
+};
+
+template <typename Splice>
+using StagewisePolicy =
+    cki::SplicingPolicy<float,
+                        cki::CompatibilityAssessment<float, cki::InformationContent, cki::GlobalWeight,
+                                                     cki::LocalUncertainty<float>, StagewiseRule>,
+                        Splice>;
+
+cki::TensorContext context_of(std::size_t models, std::int64_t count) {
+  cki::TensorContext context;
+  context.name = "layer.weight";
+  context.shape = {count};
+  for (std::size_t k = 0; k < models; ++k) context.order.push_back(k);
+  return context;
+}
+
+/// Returns N models of `count` values: a shared base with per-model
+/// deviations. Elements 0 to 3 cover the edge cases: all models equal
+/// (d = 0), one model far out (t near 0), huge values, and small steps.
+std::vector<std::vector<float>> test_models(std::size_t n, std::int64_t count, std::uint32_t seed) {
+  std::mt19937 generator(seed);
+  std::normal_distribution<float> base(0.0f, 0.05f);
+  std::normal_distribution<float> deviation(0.0f, 0.2f);
+  std::vector<std::vector<float>> models(n, std::vector<float>(static_cast<std::size_t>(count)));
+  for (std::int64_t i = 0; i < count; ++i) {
+    const float shared = base(generator);
+    for (std::size_t k = 0; k < n; ++k) models[k][static_cast<std::size_t>(i)] = shared + deviation(generator);
+  }
+  for (std::size_t k = 0; k < n; ++k) {
+    models[k][0] = 0.25f;                                   // every model equal
+    models[k][1] = k == 1 ? 1e6f : 0.5f;                    // one outlier
+    models[k][2] = (k % 2 == 0 ? 1.0f : -1.0f) * 3e37f;     // huge values
+    models[k][3] = 0.01f * static_cast<float>(k);           // small steps
+  }
+  return models;
+}
+
+/// Weights of the stage-wise functors computed in double from the same
+/// float inputs: the reference the float paths are held to.
+Eigen::ArrayXXd reference_weights(const std::vector<std::vector<float>>& models, const std::vector<double>& global,
+                                  const cki::CkiParams& params) {
+  const auto n = static_cast<Eigen::Index>(models.size());
+  const auto count = static_cast<std::int64_t>(models.front().size());
+  std::vector<std::vector<double>> wide;
+  for (const auto& model : models) wide.emplace_back(model.begin(), model.end());
+  std::vector<const double*> pointers;
+  for (const auto& model : wide) pointers.push_back(model.data());
+  const cki::LocalUncertainty<double> local(params.local());
+  const cki::CombinationRule rule(params.combination());
+  cki::BlockArray<double> l(count, n), w(count, n), scratch(count, std::max<Eigen::Index>(n, 2));
+  local(context_of(models.size(), count), pointers.data(), count, l, scratch);
+  rule(global, count, l, w, scratch);
+  return w;
+}
+
+/// Weights from the curves: u_k times the returned scale.
+Eigen::ArrayXXd curve_weights(const cki::detail::SoftmaxCurves& curves, const std::vector<std::vector<float>>& models) {
+  const auto n = static_cast<Eigen::Index>(models.size());
+  const auto count = static_cast<std::int64_t>(models.front().size());
+  REQUIRE(count <= cki::detail::SoftmaxCurves::kChunk);
+  std::vector<const float*> pointers;
+  for (const auto& model : models) pointers.push_back(model.data());
+  cki::BlockArray<float> u(cki::detail::SoftmaxCurves::kChunk, n);
+  cki::BlockArray<float> scratch(cki::detail::SoftmaxCurves::kChunk, cki::detail::SoftmaxCurves::kScratchColumns);
+  u.setConstant(-7.0f);
+  const float* scale = curves.weights(pointers.data(), count, u, scratch);
+  Eigen::ArrayXXd out(count, n);
+  for (Eigen::Index k = 0; k < n; ++k) {
+    for (std::int64_t i = 0; i < count; ++i) out(i, k) = static_cast<double>(u(i, k)) * scale[i];
+  }
+  return out;
+}
+
+std::vector<cki::Tensor<float>> tensors_of(const std::vector<std::vector<float>>& models, const cki::Shape& shape) {
+  std::vector<cki::Tensor<float>> tensors;
+  for (const auto& values : models) {
+    cki::Tensor<float> tensor(shape);
+    std::copy(values.begin(), values.end(), tensor.data());
+    tensors.push_back(std::move(tensor));
+  }
+  return tensors;
+}
+
+}  // namespace
+
+TEST_CASE("fitted curves match softmax weights", "[assessment][curves]") {
+  struct Case {
+    std::size_t models;
+    std::vector<double> global;
+    double temperature;
+    double scale;
+  };
+  // Global weights of the two-model form (1 -/+ a tanh(...)) and of the
+  // N-model form (summing to 1), temperatures and scales off the defaults,
+  // and 77 elements: four whole packets of 16 floats and a remainder, or
+  // with SSE two whole chunks of 4 and more, so both loops run.
+  const std::vector<Case> cases{
+      {2, {0.6, 1.4}, 1.0, 1.0},
+      {2, {1.0, 1.0}, 0.5, 20.0},
+      {3, {0.2, 0.3, 0.5}, 1.0, 1.0},
+      {4, {0.25, 0.25, 0.25, 0.25}, 1.0, 1.0},
+      {4, {0.1, 0.4, 0.3, 0.2}, 0.2, 3.0},
+      {8, {0.05, 0.1, 0.1, 0.15, 0.1, 0.2, 0.2, 0.1}, 1.0, 1.0},
+  };
+  for (const Case& test : cases) {
+    INFO("N = " << test.models << ", tau = " << test.temperature << ", s = " << test.scale);
+    const auto models = test_models(test.models, 77, static_cast<std::uint32_t>(test.models * 31));
+    cki::CkiParams params;
+    params.temperature = test.temperature;
+    params.scale = test.scale;
+    const auto curves = cki::detail::SoftmaxCurves::fit(test.global, test.temperature, test.scale);
+    REQUIRE(curves.has_value());
+
+    const Eigen::ArrayXXd expected = reference_weights(models, test.global, params);
+    const Eigen::ArrayXXd actual = curve_weights(*curves, models);
+    // Float weights carry a few units in the last place from the inputs'
+    // deviations alone; the curves add at most kMaxRelativeError.
+    CHECK((actual - expected).abs().maxCoeff() <= 2e-6);
+    for (Eigen::Index i = 0; i < actual.rows(); ++i) CHECK(actual.row(i).sum() == Approx(1.0).epsilon(2e-6));
+
+    // All models equal: every weight is the softmax of the global terms
+    // alone, and with equal global weights the models tie exactly.
+    const Eigen::ArrayXXd equal_row = actual.row(0);
+    CHECK((equal_row - expected.row(0)).abs().maxCoeff() <= 2e-6);
+  }
+}
+
+TEST_CASE("fitted curves tie like the rule", "[assessment][curves]") {
+  // Equal global weights give every model the same curve, so equal
+  // deviations give bitwise equal weights: hard splicing then keeps the
+  // base, as the stage-wise rule does.
+  const std::vector<std::vector<float>> models{{0.1f, 2.0f, -3.0f}, {0.1f, 2.0f, -3.0f}, {0.1f, 2.0f, -3.0f}};
+  const auto curves = cki::detail::SoftmaxCurves::fit({0.5, 0.5, 0.5}, 1.0, 1.0);
+  REQUIRE(curves.has_value());
+  const Eigen::ArrayXXd weights = curve_weights(*curves, models);
+  for (Eigen::Index i = 0; i < weights.rows(); ++i) {
+    CHECK(weights(i, 0) == weights(i, 1));
+    CHECK(weights(i, 0) == weights(i, 2));
+  }
+}
+
+TEST_CASE("inaccurate curve fits are rejected", "[assessment][curves]") {
+  CHECK(cki::detail::SoftmaxCurves::fit({0.6, 1.4}, 1.0, 1.0).has_value());
+  // tau = 1e-3 makes exp(e / tau) span about e^500 across t: no degree-8
+  // polynomial follows that, and it would overflow float.
+  CHECK_FALSE(cki::detail::SoftmaxCurves::fit({0.6, 1.4}, 1e-3, 1.0).has_value());
+  // g / tau = 40 still fits in float but bends too fast for the polynomial.
+  CHECK_FALSE(cki::detail::SoftmaxCurves::fit({8.0, 8.0}, 0.2, 1.0).has_value());
+  CHECK_FALSE(
+      cki::detail::SoftmaxCurves::fit({0.5, std::numeric_limits<double>::quiet_NaN()}, 1.0, 1.0).has_value());
+  CHECK_FALSE(
+      cki::detail::SoftmaxCurves::fit({0.5, std::numeric_limits<double>::infinity()}, 1.0, 1.0).has_value());
+}
+
+TEST_CASE("curves only for float softmax", "[assessment][curves]") {
+  const cki::TensorContext context = context_of(2, 8);
+  const std::vector<double> global{0.6, 1.4};
+  CHECK(cki::CompatibilityAssessment<float>().softmax_curves(context, global).has_value());
+  CHECK_FALSE(cki::CompatibilityAssessment<double>().softmax_curves(context, global).has_value());
+  cki::CkiParams blend;
+  blend.rule = cki::RuleKind::blend;
+  CHECK_FALSE(cki::CompatibilityAssessment<float>(blend).softmax_curves(context, global).has_value());
+  // One model has nothing to weigh against.
+  CHECK_FALSE(cki::CompatibilityAssessment<float>().softmax_curves(context_of(1, 8), {1.0}).has_value());
+  // A tensor with an assessment map takes the stage-wise path.
+  cki::CompatibilityAssessment<float> mapped;
+  cki::AssessmentMap<float> map;
+  map.weight = Eigen::MatrixXf::Identity(8, 8);
+  mapped.local_uncertainty().set_map("layer.weight", map);
+  CHECK_FALSE(mapped.softmax_curves(context, global).has_value());
+}
+
+TEST_CASE("curves splice like stage-wise functors", "[splice][curves]") {
+  // 3 x 4100 elements: two blocks of 4096 elements and chunks of 512
+  // inside them, the last chunk short.
+  const cki::Shape shape{3, 4100};
+  const std::int64_t count = 3 * 4100;
+  for (std::size_t n : {2u, 4u}) {
+    INFO("N = " << n);
+    const auto values = test_models(n, count, static_cast<std::uint32_t>(7 + n));
+    const auto tensors = tensors_of(values, shape);
+    std::vector<cki::TensorView<float>> views;
+    for (const auto& tensor : tensors) views.push_back(tensor.view());
+
+    std::vector<float> fast(static_cast<std::size_t>(count)), stagewise(fast.size());
+    const auto fast_soft = cki::splice_tensor("layer.weight", views, 0, cki::CkiSoft<float>(), fast.data(), 1);
+    const auto slow_soft =
+        cki::splice_tensor("layer.weight", views, 0, StagewisePolicy<cki::SoftSplice>(), stagewise.data(), 1);
+    double worst = 0.0;
+    for (std::size_t i = 0; i < fast.size(); ++i) {
+      const double scale = std::max(1.0, static_cast<double>(std::abs(stagewise[i])));
+      worst = std::max(worst, std::abs(static_cast<double>(fast[i]) - stagewise[i]) / scale);
+    }
+    CHECK(worst <= 1e-5);
+    for (std::size_t k = 0; k < n; ++k) {
+      CHECK(*fast_soft.models[k].mean_weight == Approx(*slow_soft.models[k].mean_weight).epsilon(1e-5));
+      CHECK(*fast_soft.models[k].entropy == *slow_soft.models[k].entropy);
+    }
+
+    // Hard splicing: every element comes from an input, and the shares of
+    // the two paths agree but for near-ties, which are rare in this data.
+    const auto fast_hard = cki::splice_tensor("layer.weight", views, 0, cki::CkiHard<float>(), fast.data(), 1);
+    const auto slow_hard =
+        cki::splice_tensor("layer.weight", views, 0, StagewisePolicy<cki::HardSplice>(), stagewise.data(), 1);
+    std::int64_t differing = 0;
+    for (std::size_t i = 0; i < fast.size(); ++i) differing += fast[i] != stagewise[i] ? 1 : 0;
+    CHECK(differing <= count / 1000);
+    double shares = 0.0;
+    for (std::size_t k = 0; k < n; ++k) {
+      shares += *fast_hard.models[k].hard_share;
+      CHECK(*fast_hard.models[k].hard_share == Approx(*slow_hard.models[k].hard_share).margin(1e-3));
+    }
+    CHECK(shares == Approx(1.0));
+  }
+}
+
+TEST_CASE("curves splice identically across threads", "[splice][curves][threads]") {
+  const cki::Shape shape{5, 3001};
+  const auto values = test_models(4, 5 * 3001, 99);
+  const auto tensors = tensors_of(values, shape);
+  std::vector<cki::TensorView<float>> views;
+  for (const auto& tensor : tensors) views.push_back(tensor.view());
+  for (bool hard : {false, true}) {
+    std::vector<float> one(5 * 3001), two(one.size());
+    cki::TensorReport a, b;
+    if (hard) {
+      a = cki::splice_tensor("w", views, 2, cki::CkiHard<float>(), one.data(), 1);
+      b = cki::splice_tensor("w", views, 2, cki::CkiHard<float>(), two.data(), 2);
+    } else {
+      a = cki::splice_tensor("w", views, 2, cki::CkiSoft<float>(), one.data(), 1);
+      b = cki::splice_tensor("w", views, 2, cki::CkiSoft<float>(), two.data(), 2);
+    }
+    CHECK(std::memcmp(one.data(), two.data(), one.size() * sizeof(float)) == 0);
+    for (std::size_t k = 0; k < 4; ++k) CHECK(*a.models[k].mean_weight == *b.models[k].mean_weight);
+  }
+}
