@@ -181,11 +181,12 @@ class InformationContent {
             const std::int64_t begin = plan.begin(block);
             const std::int64_t count = plan.end(block) - begin;
             std::int64_t* histogram = counts.data() + static_cast<std::size_t>(block) * bins;
+            std::int64_t at_least[kMaxThresholdBins] = {};
+            count_thresholds(tensor.data() + begin, count, thresholds.data() + 1, bins - 1, at_least);
             std::int64_t above = count;  // elements in bin j - 1 or higher
             for (int j = 1; j < bins; ++j) {
-              const std::int64_t at_least = detail::count_at_least(tensor.data() + begin, count, thresholds[j]);
-              histogram[j - 1] = above - at_least;
-              above = at_least;
+              histogram[j - 1] = above - at_least[j - 1];
+              above = at_least[j - 1];
             }
             histogram[bins - 1] = above;
           });
@@ -213,6 +214,27 @@ class InformationContent {
   }
 
  private:
+  // Adds to at_least[j] how many of `count` values are >= thresholds[j], for
+  // `n` thresholds, in groups of up to 8 per pass over the values.
+  template <typename Scalar>
+  static void count_thresholds(const Scalar* values, std::int64_t count, const Scalar* thresholds, int n,
+                               std::int64_t* at_least) {
+    for (int first = 0; first < n; first += 8) {
+      const Scalar* group = thresholds + first;
+      std::int64_t* out = at_least + first;
+      switch (std::min(8, n - first)) {
+        case 1: detail::count_at_least_each<1>(values, count, group, out); break;
+        case 2: detail::count_at_least_each<2>(values, count, group, out); break;
+        case 3: detail::count_at_least_each<3>(values, count, group, out); break;
+        case 4: detail::count_at_least_each<4>(values, count, group, out); break;
+        case 5: detail::count_at_least_each<5>(values, count, group, out); break;
+        case 6: detail::count_at_least_each<6>(values, count, group, out); break;
+        case 7: detail::count_at_least_each<7>(values, count, group, out); break;
+        default: detail::count_at_least_each<8>(values, count, group, out); break;
+      }
+    }
+  }
+
   // Up to this many bins, pass 2 counts the elements at or above each bin's
   // lower threshold, which costs B - 1 vector compares per element. Beyond
   // it, evaluating the formula per element is cheaper.
