@@ -466,3 +466,36 @@ TEST_CASE("nan policy copies from base", "[splice][errors]") {
   CHECK(cki::parse_nan_policy("copy-base") == cki::NanPolicy::copy_base);
   CHECK_FALSE(cki::parse_nan_policy("ignore").has_value());
 }
+
+TEST_CASE("splice checks copied tensors", "[splice][errors]") {
+  // "mask" is excluded, so it is copied from the base. As in streamed
+  // merges, its -inf reaches the output only under NaN policy allow, and
+  // the other model's copy is not read.
+  const double inf = std::numeric_limits<double>::infinity();
+  std::vector<cki::WeightSet<double>> sets(2);
+  sets[0].set_source("a.st");
+  sets[1].set_source("b.st");
+  sets[0].add("w", cki::Tensor<double>({2}, Eigen::ArrayXd::LinSpaced(2, 0, 1)));
+  sets[1].add("w", cki::Tensor<double>({2}, Eigen::ArrayXd::LinSpaced(2, 1, 2)));
+  sets[0].add("mask", cki::Tensor<double>({2, 2}, (Eigen::ArrayXd(4) << 0, -inf, 0, 0).finished()));
+  sets[1].add("mask", cki::Tensor<double>({2, 2}, (Eigen::ArrayXd(4) << 0, 0, std::nan(""), 0).finished()));
+  cki::SpliceOptions options;
+  options.exclude = {"mask"};
+  CHECK_THROWS_WITH(cki::splice(sets, cki::CkiSoft<double>(), options),
+                    Contains("tensor 'mask' contains -Inf at index 1 ([0, 1]) in model 1 ('a.st')") &&
+                        Contains("excluded by pattern 'mask'") && Contains("NaN policy error"));
+  options.nan_policy = cki::NanPolicy::copy_base;
+  CHECK_THROWS_WITH(cki::splice(sets, cki::CkiSoft<double>(), options), Contains("NaN policy copy-base"));
+
+  options.nan_policy = cki::NanPolicy::allow;
+  const auto allowed = cki::splice(sets, cki::CkiSoft<double>(), options);
+  CHECK(allowed.merged.view("mask")[1] == -inf);
+  CHECK_THAT(allowed.report.tensors[1].copy_reason,
+             Contains("-Inf at index 1 ([0, 1]) in model 1 ('a.st')") && Contains("passed through"));
+
+  // With model 2 as the base, its NaN is the one found.
+  options.nan_policy = cki::NanPolicy::error;
+  options.base = 1;
+  CHECK_THROWS_WITH(cki::splice(sets, cki::CkiSoft<double>(), options),
+                    Contains("NaN at index 2 ([1, 0]) in model 2 ('b.st')"));
+}

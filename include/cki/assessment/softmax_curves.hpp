@@ -198,11 +198,11 @@ class SoftmaxCurves {
     }
   };
 
-  // exp(x) for x <= 0 (or NaN): Cephes' polynomial after the reduction
+  // Returns exp(x) for x <= 0: Cephes' polynomial after the reduction
   // x = m ln 2 + r, as Eigen's pexp computes it, but scaling by 2^m with
-  // Eigen's fast ldexp, which needs no care for overflow here: x is clamped
-  // at -87.3, where 2^m is still a normal float. Single floats (the last
-  // elements of a chunk) use std::exp.
+  // Eigen's fast ldexp. That needs no care for overflow here, because x is
+  // clamped at -87.3, where 2^m is still a normal float. Single floats (the
+  // last elements of a chunk) use std::exp.
   template <typename P>
   static P exp_of_non_positive(const P& value) {
     if constexpr (std::is_same_v<P, float>) {
@@ -210,7 +210,10 @@ class SoftmaxCurves {
     } else {
       namespace ei = Eigen::internal;
       const P x = ei::pmax(value, ei::pset1<P>(-87.3f));
-      const P m = ei::pfloor(ei::pmadd(x, ei::pset1<P>(1.44269504088896341f), ei::pset1<P>(0.5f)));
+      // m = x / ln 2 rounded to an integer: adding 1.5 * 2^23 leaves no
+      // fraction bits, which is much cheaper than a floor without SSE4.1.
+      const P shift = ei::pset1<P>(12582912.0f);
+      const P m = ei::psub(ei::pmadd(x, ei::pset1<P>(1.44269504088896341f), shift), shift);
       P r = ei::pmadd(m, ei::pset1<P>(-0.693359375f), x);
       r = ei::pmadd(m, ei::pset1<P>(2.12194440e-4f), r);
       const P r2 = ei::pmul(r, r);

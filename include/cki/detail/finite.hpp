@@ -36,6 +36,14 @@ inline std::string element_position(std::int64_t index, const Shape& shape) {
   return "index " + std::to_string(index) + " (" + shape_to_string(position) + ")";
 }
 
+/// Describes a non-finite element for a message: "NaN at index 3 ([0, 3]) in
+/// model 1 ('a.safetensors')".
+inline std::string describe_non_finite(double value, std::int64_t index, const Shape& shape,
+                                       const std::string& label) {
+  const char* kind = std::isnan(value) ? "NaN" : (value > 0 ? "+Inf" : "-Inf");
+  return std::string(kind) + " at " + element_position(index, shape) + " in " + label;
+}
+
 /// Throws NumericError for the non-finite element at `index` of tensor
 /// `name`; `label` names the model ("model 2 ('a.safetensors')") or is empty.
 template <typename Scalar>

@@ -323,8 +323,7 @@ CopyResult copy_tensor(const Checkpoint& base, const CheckpointTensor& tensor, D
 /// Describes the non-finite element of a tensor copied from the base:
 /// "NaN at index 3 ([0, 3]) in model 1 ('a.safetensors')".
 inline std::string describe_non_finite(const CopyResult& found, const Shape& shape, const std::string& label) {
-  const char* kind = std::isnan(found.non_finite_value) ? "NaN" : (found.non_finite_value > 0 ? "+Inf" : "-Inf");
-  return std::string(kind) + " at " + element_position(found.first_non_finite, shape) + " in " + label;
+  return describe_non_finite(found.non_finite_value, found.first_non_finite, shape, label);
 }
 
 }  // namespace detail

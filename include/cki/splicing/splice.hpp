@@ -282,6 +282,11 @@ SpliceResult<Scalar> splice(const std::vector<WeightSet<Scalar>>& sets, const Po
     result.report.models.push_back(sets[k].source().empty() ? "model " + std::to_string(k + 1)
                                                            : sets[k].source());
   }
+  const auto label_of = [&](std::size_t k) {
+    std::string label = "model " + std::to_string(k + 1);
+    if (!labels[k].empty()) label += " ('" + labels[k] + "')";
+    return label;
+  };
 
   for (const auto& entry : base) {
     // Tensors that are not spliced share the base's storage.
@@ -293,6 +298,23 @@ SpliceResult<Scalar> splice(const std::vector<WeightSet<Scalar>>& sets, const Po
       copied.shape = entry.shape;
       copied.dtype = entry.dtype;
       copied.copy_reason = *reason;
+      // As in streamed merges, a copied floating tensor may carry a NaN or
+      // infinity into the output only under NaN policy allow.
+      if (is_spliceable(entry.dtype)) {
+        const TensorView<Scalar> values = base.view(entry.name);
+        const std::int64_t bad = detail::first_non_finite(values, options.threads);
+        if (bad >= 0) {
+          const std::string found = detail::describe_non_finite(values[bad], bad, entry.shape,
+                                                                label_of(options.base));
+          if (options.nan_policy != NanPolicy::allow) {
+            throw NumericError("tensor '" + entry.name + "' contains " + found + ". It is copied from the base (" +
+                               *reason + "), and NaN policy " + nan_policy_name(options.nan_policy) +
+                               " lets no non-finite value into the output; use NaN policy allow to copy it as "
+                               "it is");
+          }
+          copied.copy_reason += "; " + found + ", passed through under nan policy allow";
+        }
+      }
       result.report.tensors.push_back(std::move(copied));
       continue;
     }
