@@ -233,8 +233,10 @@ void run_policy(benchmark::State& state, Workload& work, int threads, const Poli
 /// Times one stage of CKI's element loop on a block of kBlockElements
 /// elements of N models that stays in cache, in ns of CPU time per element
 /// (all N models): what the stage costs when memory is not the limit. The
-/// stages "eigen_exp" and "eigen_logistic" time Eigen's vectorised exp and
-/// logistic on one column, the functions the other stages are built from.
+/// stage "curves" computes the weights from fitted softmax curves, which
+/// replace "local" and "rule" for float tensors without an assessment map.
+/// The stages "eigen_exp" and "eigen_logistic" time Eigen's vectorised exp
+/// and logistic on one column, the functions the other stages are built from.
 void run_block_stages(benchmark::State& state, int models, const std::string& stage) {
   const std::int64_t count = cki::detail::kBlockElements;
   std::vector<std::vector<float>> inputs(static_cast<std::size_t>(models), std::vector<float>(count));
@@ -259,6 +261,9 @@ void run_block_stages(benchmark::State& state, int models, const std::string& st
   local(context, pointers.data(), count, l, scratch);
   rule(global_weights, count, l, w, scratch);
   Eigen::ArrayXf column = l.col(0);
+  const std::vector<double> global_wide(global_weights.begin(), global_weights.end());
+  const cki::detail::SoftmaxCurves curves = *cki::detail::SoftmaxCurves::fit(global_wide, 1.0, 1.0);
+  cki::BlockArray<float> curve_scratch(cki::detail::SoftmaxCurves::kChunk, cki::detail::SoftmaxCurves::kScratchColumns);
 
   Clock total;
   for (auto _ : state) {
@@ -271,6 +276,12 @@ void run_block_stages(benchmark::State& state, int models, const std::string& st
       cki::SoftSplice::apply(w, pointers.data(), count, models, out.data(), weight_sums.data(), hard_counts.data());
     } else if (stage == "hard") {
       cki::HardSplice::apply(w, pointers.data(), count, models, out.data(), weight_sums.data(), hard_counts.data());
+    } else if (stage == "curves") {
+      for (std::int64_t start = 0; start < count; start += cki::detail::SoftmaxCurves::kChunk) {
+        std::vector<const float*> chunk(pointers);
+        for (auto& pointer : chunk) pointer += start;
+        benchmark::DoNotOptimize(curves.weights(chunk.data(), cki::detail::SoftmaxCurves::kChunk, w, curve_scratch));
+      }
     } else if (stage == "eigen_exp") {
       w.col(0) = (-column).exp();
     } else if (stage == "eigen_logistic") {
@@ -321,7 +332,7 @@ void add_baselines(int models, int size_mebi, int threads) {
 
 void register_all(const Options& options) {
   using cki::RuleKind;
-  for (const char* stage : {"local", "rule", "soft", "hard", "eigen_exp", "eigen_logistic"}) {
+  for (const char* stage : {"local", "rule", "soft", "hard", "curves", "eigen_exp", "eigen_logistic"}) {
     const std::string name = std::string("block_stage/") + stage + "/n:4";
     benchmark::RegisterBenchmark(name.c_str(), [stage](benchmark::State& state) { run_block_stages(state, 4, stage); })
         ->Unit(benchmark::kMicrosecond);
