@@ -32,6 +32,8 @@
 
 #include <cki/merge/registry.hpp>
 
+#include "synthetic.hpp"
+
 namespace {
 
 constexpr std::int64_t kMebi = std::int64_t{1} << 20;
@@ -62,23 +64,7 @@ struct Workload {
   std::int64_t copy_bytes() const { return static_cast<std::int64_t>(arena.size() * sizeof(float)); }
 };
 
-/// SplitMix64: a fast counter-based generator, so every element can be
-/// drawn independently and in parallel with the same result.
-std::uint64_t split_mix(std::uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-
-/// Approximately normal value with mean 0 and standard deviation 1 for the
-/// counter `x`: the centred sum of four uniforms (Irwin-Hall), scaled.
-float pseudo_normal(std::uint64_t x) {
-  const std::uint64_t bits = split_mix(x);
-  float sum = 0.0f;
-  for (int part = 0; part < 4; ++part) sum += static_cast<float>((bits >> (16 * part)) & 0xFFFF) / 65536.0f;
-  return (sum - 2.0f) * std::sqrt(3.0f);
-}
+using cki_bench::pseudo_normal;
 
 /// Shape of a tensor of `elements` floats: a matrix as square as a power of
 /// two allows, as in the weight matrices of a transformer layer.

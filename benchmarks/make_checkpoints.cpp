@@ -17,24 +17,13 @@
 
 #include <cki/io/safetensors.hpp>
 
+#include "synthetic.hpp"
+
 namespace {
 
 constexpr std::int64_t kMebi = std::int64_t{1} << 20;
 
-std::uint64_t split_mix(std::uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-
-// Approximately standard normal: the centred sum of four uniforms, scaled.
-float pseudo_normal(std::uint64_t x) {
-  const std::uint64_t bits = split_mix(x);
-  float sum = 0.0f;
-  for (int part = 0; part < 4; ++part) sum += static_cast<float>((bits >> (16 * part)) & 0xFFFF) / 65536.0f;
-  return (sum - 2.0f) * std::sqrt(3.0f);
-}
+using cki_bench::pseudo_normal;
 
 // 1 GiB of F32 tensors: 12 of 64 MiB, 8 of 16 MiB and 16 of 8 MiB.
 std::vector<cki::TensorSpec> architecture() {
@@ -68,7 +57,8 @@ int main(int argc, char** argv) {
       std::uint64_t tensor_seed = 0;
       for (const cki::TensorInfo& info : writer.layout()) {
         const std::int64_t count = cki::shape_numel(info.shape);
-        tensor_seed = split_mix(tensor_seed + std::hash<std::string>{}(info.name));
+        tensor_seed =
+            cki::detail::mix64(tensor_seed + std::hash<std::string>{}(info.name) + cki::detail::kSplitMixIncrement);
         for (std::int64_t i = 0; i < count; ++i) {
           const auto index = static_cast<std::uint64_t>(i);
           const float base = 0.02f * pseudo_normal(tensor_seed + index);
