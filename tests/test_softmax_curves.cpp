@@ -257,3 +257,42 @@ TEST_CASE("curves splice identically across threads", "[splice][curves][threads]
     for (std::size_t k = 0; k < 4; ++k) CHECK(*a.models[k].mean_weight == *b.models[k].mean_weight);
   }
 }
+
+TEST_CASE("scaled hard splice matches hard splice", "[splice][curves]") {
+  // apply_scaled() with weights u * scale must pick what apply() picks on
+  // the products, ties to the lower index included. Every fifth element
+  // ties all models. Up to 16 models take the vector path, 17 the other;
+  // counts of 1 to 33 leave tails after whole vectors of 4 or 8 floats.
+  std::mt19937 generator(3);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (Eigen::Index n : {2, 3, 4, 8, 16, 17}) {
+    for (std::int64_t count : {1, 7, 8, 9, 33, 512}) {
+      INFO("N = " << n << ", count = " << count);
+      cki::BlockArray<float> u(512, n), w(512, n);
+      std::vector<std::vector<float>> values(static_cast<std::size_t>(n), std::vector<float>(512));
+      std::vector<const float*> block;
+      for (auto& model : values) {
+        for (auto& value : model) value = normal(generator);
+        block.push_back(model.data());
+      }
+      std::vector<float> scale(512, 1.0f / 3.0f);
+      for (Eigen::Index i = 0; i < 512; ++i) {
+        for (Eigen::Index k = 0; k < n; ++k) {
+          u(i, k) = i % 5 == 0 ? 1.0f : 1.0f + std::abs(normal(generator));
+          w(i, k) = u(i, k) * scale[static_cast<std::size_t>(i)];
+        }
+      }
+      std::vector<float> scaled(512), plain(512);
+      std::vector<double> scaled_sums(static_cast<std::size_t>(n)), plain_sums(scaled_sums.size());
+      std::vector<std::int64_t> scaled_counts(scaled_sums.size()), plain_counts(scaled_sums.size());
+      cki::HardSplice::apply_scaled(u, scale.data(), block.data(), count, n, scaled.data(), scaled_sums.data(),
+                                    scaled_counts.data());
+      cki::HardSplice::apply(w, block.data(), count, n, plain.data(), plain_sums.data(), plain_counts.data());
+      for (std::size_t i = 0; i < static_cast<std::size_t>(count); ++i) CHECK(scaled[i] == plain[i]);
+      CHECK(scaled_counts == plain_counts);
+      for (std::size_t k = 0; k < scaled_sums.size(); ++k) CHECK(scaled_sums[k] == Approx(plain_sums[k]).epsilon(1e-6));
+      // Tied elements (i % 5 == 0) go to the base.
+      for (std::size_t i = 0; i < static_cast<std::size_t>(count); i += 5) CHECK(scaled[i] == values[0][i]);
+    }
+  }
+}

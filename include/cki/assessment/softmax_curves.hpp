@@ -101,8 +101,10 @@ class SoftmaxCurves {
       // The deviation's source and whether `total` starts here are fixed per
       // model, so they select a loop rather than branch in it.
       const auto run = [&](auto source, auto first) {
-        for (std::int64_t i = 0; i < whole; i += kSize) packets.template at<decltype(source)::value, decltype(first)::value>(pointers, i);
-        for (std::int64_t i = whole; i < count; ++i) singles.template at<decltype(source)::value, decltype(first)::value>(pointers, i);
+        constexpr Source kSource = decltype(source)::value;
+        constexpr bool kFirst = decltype(first)::value;
+        for (std::int64_t i = 0; i < whole; i += kSize) packets.template at<kSource, kFirst>(pointers, i);
+        for (std::int64_t i = whole; i < count; ++i) singles.template at<kSource, kFirst>(pointers, i);
       };
       using First = std::integral_constant<bool, true>;
       using Later = std::integral_constant<bool, false>;

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -87,6 +88,12 @@ struct HardSplice {
   static void apply_scaled(const BlockArray<Scalar>& u, const Scalar* scale, const Scalar* const* block,
                            std::int64_t count, Eigen::Index n, Scalar* out, double* weight_sums,
                            std::int64_t* hard_counts) {
+#if defined(__GNUC__) || defined(__clang__)
+    if (n <= kMaxVectorModels) {
+      select_vectors(u, scale, block, count, n, out, weight_sums, hard_counts);
+      return;
+    }
+#endif
     select<true>(u, scale, block, count, n, out, hard_counts);
     const Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>> factor(scale, count);
     for (Eigen::Index k = 0; k < n; ++k) {
@@ -95,6 +102,89 @@ struct HardSplice {
   }
 
  private:
+  // Largest model count whose sums and tallies select_vectors() keeps on the stack.
+  static constexpr Eigen::Index kMaxVectorModels = 16;
+
+#if defined(__GNUC__) || defined(__clang__)
+  // Runs apply_scaled() in one pass over the models per vector of elements,
+  // with the GCC and Clang vector extensions. The best weight, its model and
+  // the merged value stay in registers, and the weight sums and per-model
+  // counts gather in vectors. The comparison is the one select() makes, so
+  // ties still keep the lower index.
+  template <typename Scalar>
+  static void select_vectors(const BlockArray<Scalar>& u, const Scalar* scale, const Scalar* const* block,
+                             std::int64_t count, Eigen::Index n, Scalar* out, double* weight_sums,
+                             std::int64_t* hard_counts) {
+    using Bits = std::conditional_t<sizeof(Scalar) == 4, std::int32_t, std::int64_t>;
+    constexpr int kBytes = detail::kCountVectorBytes;
+    constexpr int kWidth = kBytes / static_cast<int>(sizeof(Scalar));
+    typedef Scalar Vector __attribute__((vector_size(kBytes)));
+    typedef Bits Mask __attribute__((vector_size(kBytes)));
+    const auto load = [](const Scalar* from) {
+      Vector value;
+      std::memcpy(&value, from, sizeof value);
+      return value;
+    };
+    // Lanes of `when` are all ones or all zeros: picks `chosen` where set.
+    const auto pick = [](Mask when, Vector chosen, Vector other) {
+      const Mask bits = (reinterpret_cast<Mask>(chosen) & when) | (reinterpret_cast<Mask>(other) & ~when);
+      return reinterpret_cast<Vector>(bits);
+    };
+
+    Vector sums[kMaxVectorModels];
+    Mask tallies[kMaxVectorModels];
+    for (Eigen::Index k = 0; k < n; ++k) {
+      sums[k] = Vector{};
+      tallies[k] = Mask{};
+    }
+    const std::int64_t whole = count - count % kWidth;
+    for (std::int64_t i = 0; i < whole; i += kWidth) {
+      const Vector factor = load(scale + i);
+      Vector best = load(u.col(0).data() + i) * factor;
+      Vector merged = load(block[0] + i);
+      Mask best_model = Mask{};
+      sums[0] += best;
+      for (Eigen::Index k = 1; k < n; ++k) {
+        const Vector current = load(u.col(k).data() + i) * factor;
+        sums[k] += current;
+        const Mask higher = current > best;
+        best = pick(higher, current, best);
+        merged = pick(higher, load(block[k] + i), merged);
+        best_model = (best_model & ~higher) | (higher & static_cast<Bits>(k));
+      }
+      std::memcpy(out + i, &merged, sizeof merged);
+      // A vector compare gives -1 where true, so subtracting it counts.
+      for (Eigen::Index k = 0; k < n; ++k) tallies[k] -= best_model == static_cast<Bits>(k);
+    }
+    double tail_sums[kMaxVectorModels] = {};
+    for (std::int64_t i = whole; i < count; ++i) {
+      Scalar best = u(i, 0) * scale[i];
+      Eigen::Index best_model = 0;
+      tail_sums[0] += static_cast<double>(best);
+      for (Eigen::Index k = 1; k < n; ++k) {
+        const Scalar current = u(i, k) * scale[i];
+        tail_sums[k] += static_cast<double>(current);
+        if (current > best) {
+          best = current;
+          best_model = k;
+        }
+      }
+      out[i] = block[best_model][i];
+      ++hard_counts[best_model];
+    }
+    for (Eigen::Index k = 0; k < n; ++k) {
+      double sum = tail_sums[k];
+      std::int64_t taken = 0;
+      for (int lane = 0; lane < kWidth; ++lane) {
+        sum += static_cast<double>(sums[k][lane]);
+        taken += tallies[k][lane];
+      }
+      weight_sums[k] += sum;
+      hard_counts[k] += taken;
+    }
+  }
+#endif
+
   // The running argmax visits the models in order and replaces the best
   // only on a strictly higher weight, so ties keep the lower index. The
   // branch-free selects below vectorise; the chunk buffers live on the stack.
