@@ -679,7 +679,7 @@ TEST_CASE("cki-splice NaN policies", "[io][tool][numeric]") {
 
     ToolRun run = run_tool(dir, two);
     CHECK(run.status == 1);
-    CHECK_THAT(run.err, Contains("tensor 'head.weight' holds -Inf at index 2 ([0, 2]) in model 1 ('" + a.string()));
+    CHECK_THAT(run.err, Contains("tensor 'head.weight' contains -Inf at index 2 ([0, 2]) in model 1 ('" + a.string()));
     CHECK_THAT(run.err, Contains("copied from the base (excluded by pattern 'head.*')"));
     CHECK_FALSE(fs::exists(out));
 

@@ -510,6 +510,12 @@ TEST_CASE("forward reuses entropies until reset", "[learn][global]") {
   CHECK(recomputed[0] == entropies[0]);
   CHECK(recomputed[1] == Approx(std::log(2.0)));
 
+  // Reused entropies still get the finite check: a NaN written in place is
+  // an error naming the model, not a NaN merge.
+  models[1][3] = std::numeric_limits<double>::quiet_NaN();
+  CHECK_THROWS_WITH(assessment.forward(views), Contains("holds NaN at index 3") && Contains("in model 2"));
+  models[1][3] = 0.5;
+
   // Other tensors (other data pointers) are noticed without a reset.
   const auto others = random_tensors<double>(2, {5, 4}, 59);
   assessment.forward(views_of(others));

@@ -113,8 +113,8 @@ TEST_CASE("fitted curves match softmax weights", "[assessment][curves]") {
     double temperature;
     double scale;
   };
-  // Global weights of the two-model form (1 -/+ a tanh(...)) and of the
-  // N-model form (summing to 1), temperatures and scales off the defaults,
+  // Global weights as the two-model and N-model forms give them (summing
+  // to 1) and larger ones, temperatures and scales off the defaults,
   // and 77 elements: four whole packets of 16 floats and a remainder, or
   // with SSE two whole chunks of 4 and more, so both loops run.
   const std::vector<Case> cases{
@@ -175,6 +175,12 @@ TEST_CASE("inaccurate curve fits are rejected", "[assessment][curves]") {
       cki::detail::SoftmaxCurves::fit({0.5, std::numeric_limits<double>::infinity()}, 1.0, 1.0).has_value());
 }
 
+static_assert(cki::detail::has_softmax_curves<cki::CompatibilityAssessment<float>>::value,
+              "splice() must find the fitted curves of the default assessment");
+static_assert(cki::detail::has_apply_scaled<cki::SoftSplice, float>::value &&
+                  cki::detail::has_apply_scaled<cki::HardSplice, float>::value,
+              "splice() must find the scaled splices");
+
 TEST_CASE("curves only for float softmax", "[assessment][curves]") {
   const cki::TensorContext context = context_of(2, 8);
   const std::vector<double> global{0.6, 1.4};
@@ -194,8 +200,8 @@ TEST_CASE("curves only for float softmax", "[assessment][curves]") {
 }
 
 TEST_CASE("curves splice like stage-wise functors", "[splice][curves]") {
-  // 3 x 4100 elements: two blocks of 4096 elements and chunks of 512
-  // inside them, the last chunk short.
+  // 3 x 4100 elements: three blocks of 4096 elements and one of 12, with
+  // chunks of 512 inside them, the last chunk of each block short.
   const cki::Shape shape{3, 4100};
   const std::int64_t count = 3 * 4100;
   for (std::size_t n : {2u, 4u}) {
@@ -294,5 +300,55 @@ TEST_CASE("scaled hard splice matches hard splice", "[splice][curves]") {
       // Tied elements (i % 5 == 0) go to the base.
       for (std::size_t i = 0; i < static_cast<std::size_t>(count); i += 5) CHECK(scaled[i] == values[0][i]);
     }
+  }
+}
+
+TEST_CASE("curves keep identical models exact", "[splice][curves]") {
+  // The largest weight of an element is exactly 1 before normalising, as
+  // in the rule's softmax, so N identical models (N a power of two) give
+  // weights of exactly 1 / N and return the input bit for bit, even at
+  // values near the float maximum, where a sum of unnormalised weighted
+  // values would overflow.
+  std::mt19937 generator(5);
+  std::normal_distribution<float> normal(0.0f, 0.05f);
+  std::vector<float> values(5000);
+  for (auto& value : values) value = normal(generator);
+  values[1] = 2e38f;
+  values[2] = -3e38f;
+  for (std::size_t n : {2u, 4u}) {
+    INFO("N = " << n);
+    const auto tensors = tensors_of(std::vector<std::vector<float>>(n, values), {5000});
+    std::vector<cki::TensorView<float>> views;
+    for (const auto& tensor : tensors) views.push_back(tensor.view());
+    for (double temperature : {1.0, 0.1}) {
+      cki::CkiParams params;
+      params.temperature = temperature;
+      std::vector<float> merged(values.size());
+      const auto report = cki::splice_tensor("w", views, 0, cki::CkiSoft<float>(params), merged.data(), 1);
+      CHECK(std::memcmp(merged.data(), values.data(), values.size() * sizeof(float)) == 0);
+      for (const auto& model : report.models) CHECK(*model.mean_weight == 1.0 / static_cast<double>(n));
+    }
+  }
+}
+
+TEST_CASE("splice output follows the curve weights", "[splice][curves]") {
+  // splice_tensor() with CkiSoft<float> must compute sum_k w_k theta_k with
+  // the weights of the fitted curves, not with the stage-wise functors.
+  const auto values = test_models(3, 300, 17);
+  const auto tensors = tensors_of(values, {300});
+  std::vector<cki::TensorView<float>> views;
+  for (const auto& tensor : tensors) views.push_back(tensor.view());
+  std::vector<float> merged(300);
+  const auto report = cki::splice_tensor("w", views, 0, cki::CkiSoft<float>(), merged.data(), 1);
+  std::vector<double> global;
+  for (const auto& model : report.models) global.push_back(static_cast<float>(*model.global_weight));
+  const auto curves = cki::detail::SoftmaxCurves::fit(global, 1.0, 1.0);
+  REQUIRE(curves.has_value());
+  // Chunks of up to 512 elements, as splice() runs them.
+  const Eigen::ArrayXXd weights = curve_weights(*curves, values);
+  for (std::size_t i = 0; i < merged.size(); ++i) {
+    double expected = 0.0;
+    for (std::size_t k = 0; k < 3; ++k) expected += weights(static_cast<Eigen::Index>(i), static_cast<Eigen::Index>(k)) * values[k][i];
+    CHECK(merged[i] == Approx(expected).margin(1e-6));
   }
 }

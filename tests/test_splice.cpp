@@ -498,4 +498,11 @@ TEST_CASE("splice checks copied tensors", "[splice][errors]") {
   options.base = 1;
   CHECK_THROWS_WITH(cki::splice(sets, cki::CkiSoft<double>(), options),
                     Contains("NaN at index 2 ([1, 0]) in model 2 ('b.st')"));
+
+  // One model comes back unchanged, -inf included.
+  options.base = 0;
+  const std::vector<cki::WeightSet<double>> one{sets[0]};
+  const auto single = cki::splice(one, cki::CkiSoft<double>(), options);
+  CHECK(single.merged.view("mask")[1] == -inf);
+  CHECK(single.report.tensors[1].copy_reason == "single model");
 }

@@ -32,14 +32,18 @@ namespace cki::detail {
 /// per model rather than an exponential and a logistic in the local
 /// uncertainty and two exponentials in the rule.
 ///
-/// The softmax is shift-invariant, so dividing by sum_j G_k(t_j) gives the
-/// same weights as the rule's softmax, which subtracts the row maximum
-/// first; G_k lies in [1, exp(a_k)], far from overflow whenever the fit is
-/// accepted. fit() checks each polynomial, with its coefficients rounded to
-/// float, against G_k computed in double at 129 points of [0, 1/2]. It
+/// As the rule's softmax subtracts the largest score, weights() divides
+/// every u_k by the largest of the element, so the largest weight is
+/// exactly 1 before normalising. Equal u then give exactly equal weights,
+/// and no sum of weighted values can overflow where the inputs do not.
+///
+/// fit() checks each polynomial, with its coefficients rounded to float and
+/// evaluated in double, against G_k in double at 129 points of [0, 1/2]. It
 /// accepts the curves only when every relative error is below
-/// kMaxRelativeError (about 1.7 float ulps). Otherwise the caller keeps the
-/// separate stages. G_k(0) = 1 exactly, so models whose elements all lie
+/// kMaxRelativeError (about 0.84 float ulp at G = 1). Otherwise the caller
+/// keeps the separate stages. This check, not a bound on G, keeps the
+/// curves safe for any global weight, negative ones from a custom functor
+/// included. G_k(0) = 1 exactly, so models whose elements all lie
 /// infinitely far from the others tie exactly, as they do in the rule.
 class SoftmaxCurves {
  public:
@@ -49,7 +53,7 @@ class SoftmaxCurves {
   /// columns stay in the first-level cache.
   static constexpr std::int64_t kChunk = 512;
   /// Work columns that weights() needs besides the weights.
-  static constexpr Eigen::Index kScratchColumns = 3;
+  static constexpr Eigen::Index kScratchColumns = 4;
 
   /// Fits one curve per global weight (base first) for temperature tau and
   /// logistic scale s. Returns nothing when a weight is not finite or a
@@ -69,12 +73,12 @@ class SoftmaxCurves {
     return curves;
   }
 
-  /// Computes the weights of the first `count` (<= kChunk) elements of
-  /// `block` (N pointers, base first) as w_k = u_k * scale: writes u_k =
-  /// G_k(t_k) into the first `count` rows of `w`, which has N columns, and
-  /// returns `scale` = 1 / sum_k u_k, one factor per element, which lives in
-  /// `scratch` (kScratchColumns columns). The splices multiply as they go,
-  /// which saves a pass over the weights.
+    /// Computes the weights of the first `count` (<= kChunk) elements of
+  /// `block` (N pointers, base first) as w_k = v_k * scale: writes
+  /// v_k = G_k(t_k) / max_j G_j(t_j) into the first `count` rows of `w`,
+  /// which has N columns, and returns `scale` = 1 / sum_k v_k, one factor
+  /// per element, which lives in `scratch` (kScratchColumns columns). The
+  /// splices multiply as they go, which saves a pass over the weights.
   ///
   /// Each model's chain (deviation, exponential, polynomial) runs in one
   /// loop over Eigen's vector packets, so intermediate values stay in
@@ -87,8 +91,9 @@ class SoftmaxCurves {
     const std::int64_t whole = count - count % kSize;
     const auto n = static_cast<Eigen::Index>(coefficients_.size());
     float* sum = scratch.col(0).data();
-    float* total = scratch.col(1).data();
+    float* maximum = scratch.col(1).data();
     float* shared_x = scratch.col(2).data();
+    float* total = scratch.col(3).data();
 
     if (n > 2) {
       for (std::int64_t i = 0; i < whole; i += kSize) sum_at<Packet>(block, n, i, sum);
@@ -97,8 +102,8 @@ class SoftmaxCurves {
     for (Eigen::Index k = 0; k < n; ++k) {
       const Chain<Packet> packets(*this, k, n);
       const Chain<float> singles(*this, k, n);
-      Pointers pointers{block[k], n == 2 ? block[1] : sum, shared_x, w.col(k).data(), total};
-      // The deviation's source and whether `total` starts here are fixed per
+      Pointers pointers{block[k], n == 2 ? block[1] : sum, shared_x, w.col(k).data(), maximum};
+      // The deviation's source and whether `maximum` starts here are fixed per
       // model, so they select a loop rather than branch in it.
       const auto run = [&](auto source, auto first) {
         constexpr Source kSource = decltype(source)::value;
@@ -116,7 +121,20 @@ class SoftmaxCurves {
         run(SourceTag<Source::shared>{}, Later{});
       }
     }
-    auto inverse = scratch.col(1).head(count);
+    // Divide by the largest u, as the rule's softmax subtracts the largest
+    // score: the largest weight becomes exactly 1, the others at most 1, so
+    // identical models get exactly equal weights and no sum can overflow.
+    float* inverse_maximum = sum;  // the sum is no longer needed
+    auto reciprocal = scratch.col(0).head(count);
+    reciprocal = scratch.col(1).head(count).inverse();
+    for (Eigen::Index k = 0; k < n; ++k) {
+      float* u = w.col(k).data();
+      for (std::int64_t i = 0; i < whole; i += kSize) {
+        relative_at<Packet>(u, maximum, inverse_maximum, total, k == 0, i);
+      }
+      for (std::int64_t i = whole; i < count; ++i) relative_at<float>(u, maximum, inverse_maximum, total, k == 0, i);
+    }
+    auto inverse = scratch.col(3).head(count);
     inverse = inverse.inverse();
     return inverse.data();
   }
@@ -131,6 +149,20 @@ class SoftmaxCurves {
     P value = ei::ploadu<P>(block[0] + i);
     for (Eigen::Index k = 1; k < n; ++k) value = ei::padd(value, ei::ploadu<P>(block[k] + i));
     ei::pstoreu(sum + i, value);
+  }
+
+  // Replaces u by u / maximum at element i, exactly 1 where u is the
+  // maximum and u * (1 / maximum) elsewhere, and adds it to `total` (or
+  // starts it).
+  template <typename P>
+  static void relative_at(float* u, const float* maximum, const float* inverse_maximum, float* total, bool first,
+                          std::int64_t i) {
+    namespace ei = Eigen::internal;
+    const P value = ei::ploadu<P>(u + i);
+    const P largest = ei::pcmp_eq(value, ei::ploadu<P>(maximum + i));
+    const P relative = ei::pselect(largest, ei::pset1<P>(1.0f), ei::pmul(value, ei::ploadu<P>(inverse_maximum + i)));
+    ei::pstoreu(u + i, relative);
+    ei::pstoreu(total + i, first ? relative : ei::padd(ei::ploadu<P>(total + i), relative));
   }
 
   // Where model k's deviation comes from: the running sum of all models
@@ -148,7 +180,7 @@ class SoftmaxCurves {
     const float* other;  // the running sum (N > 2) or model 1 (N = 2)
     float* shared_x;
     float* u;
-    float* total;
+    float* maximum;
   };
 
   // The constants of one model's chain, broadcast once to packets of type P.
@@ -168,8 +200,9 @@ class SoftmaxCurves {
       for (int p = 0; p <= kDegree; ++p) c[p] = ei::pset1<P>(coefficients[p]);
     }
 
-    // Element i: u = G_k(t), added to `total` (or starting it). x = 4 t - 1
-    // = (3 q - 1) / (q + 1) with q = exp(-s d) and t = q / (1 + q).
+    // Element i: u = G_k(t), and the largest u so far in `maximum` (set at
+    // the first model). x = 4 t - 1 = (3 q - 1) / (q + 1) with q = exp(-s d)
+    // and t = q / (1 + q).
     template <Source source, bool first>
     void at(const Pointers& pointers, std::int64_t i) const {
       namespace ei = Eigen::internal;
@@ -193,9 +226,9 @@ class SoftmaxCurves {
       const P value = ei::pmadd(polynomial, ei::pmadd(x, quarter, quarter), one);
       ei::pstoreu(pointers.u + i, value);
       if constexpr (first) {
-        ei::pstoreu(pointers.total + i, value);
+        ei::pstoreu(pointers.maximum + i, value);
       } else {
-        ei::pstoreu(pointers.total + i, ei::padd(ei::ploadu<P>(pointers.total + i), value));
+        ei::pstoreu(pointers.maximum + i, ei::pmax(ei::ploadu<P>(pointers.maximum + i), value));
       }
     }
   };

@@ -419,7 +419,7 @@ SpliceReport splice_checkpoints(const std::vector<Checkpoint>& inputs, const std
         const std::string found = detail::describe_non_finite(copied, planned.shape,
                                                               detail::tensor_location(base, plan.base, base_tensor));
         if (options.splice.nan_policy != NanPolicy::allow) {
-          throw NumericError("tensor '" + name + "' holds " + found + ". It is copied from the base (" +
+          throw NumericError("tensor '" + name + "' contains " + found + ". It is copied from the base (" +
                              planned.copy_reason + "), and NaN policy " + nan_policy_name(options.splice.nan_policy) +
                              " lets no non-finite value into the output; use NaN policy allow to copy it as it is");
         }

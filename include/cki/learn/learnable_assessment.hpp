@@ -288,10 +288,11 @@ class LearnableAssessment {
   /// the OpenMP default) only when the models' data pointers differ from
   /// those of the last computation, and reuses them otherwise. Call
   /// reset_global_weights() after changing a model's values in place.
-  /// Throws MismatchError for a wrong model count or shape,
+  /// NOTE: a model freed and another allocated at the same address also
+  /// reuses the stored values; call reset_global_weights() when the models
+  /// change. Throws MismatchError for a wrong model count or shape,
   /// std::invalid_argument for `threads` < 0, and NumericError for a learned
-  /// temperature outside (0, 1e6] or a NaN or infinite element. Elements are
-  /// checked only while the entropies are computed.
+  /// temperature outside (0, 1e6] or a NaN or infinite element.
   Tensor<Scalar> forward(const std::vector<TensorView<Scalar>>& models, int threads = 0) {
     check_models(models);
     if (threads < 0) throw std::invalid_argument("'threads' must be >= 0, got " + std::to_string(threads));
@@ -465,11 +466,19 @@ class LearnableAssessment {
 
   // Computes the entropies and global weights of ordered_ unless they were
   // computed for the data pointers of `models`. Stores nothing when an
-  // element is not finite, so the next forward() checks the models again.
+  // element is not finite. Reused values still get the finite check, one
+  // vectorised read of each model on this thread (no OpenMP region in a
+  // training loop), so a NaN written in place is reported.
   void update_global_weights(const std::vector<TensorView<Scalar>>& models, int threads) {
     std::vector<const Scalar*> key;
     for (const auto& view : models) key.push_back(view.data());
-    if (!global_level_key_.empty() && key == global_level_key_) return;
+    if (!global_level_key_.empty() && key == global_level_key_) {
+      for (std::size_t i = 0; i < ordered_.size(); ++i) {
+        const std::int64_t bad = detail::first_non_finite(ordered_[i], 1);
+        if (bad >= 0) detail::throw_non_finite(name_, "model " + std::to_string(order_[i] + 1), ordered_[i], bad);
+      }
+      return;
+    }
 
     const InformationContent information(options_.params.information());
     std::vector<double> entropies;

@@ -39,17 +39,20 @@ struct SoftSplice {
 
   /// As apply(), with the weights given as w_k = u_k * scale: `u` unscaled,
   /// `scale` one factor per element (the reciprocal of the row total). The
-  /// merged element is scale * sum_k u_k theta_k. The weight sums add up
+  /// merged element is sum_k (u_k * scale) theta_k. The weight sums add up
   /// u_k * scale in Scalar within the call, so `count` should be small (a
   /// chunk of SoftmaxCurves::kChunk elements) to keep them accurate.
   template <typename Scalar>
   static void apply_scaled(const BlockArray<Scalar>& u, const Scalar* scale, const Scalar* const* block,
                            std::int64_t count, Eigen::Index n, Scalar* out, double* weight_sums,
                            std::int64_t* /*hard_counts*/) {
-    const Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>> factor(scale, count);
+    using Column = Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
+    const Column factor(scale, count);
     Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>> merged(out, count);
-    weighted_sum(u, block, count, n, merged);
-    merged *= factor;
+    // Each weight is scaled before it multiplies its value, so every term
+    // is at most the value itself and the sum cannot overflow early.
+    merged = (u.col(0).head(count) * factor) * Column(block[0], count);
+    for (Eigen::Index k = 1; k < n; ++k) merged += (u.col(k).head(count) * factor) * Column(block[k], count);
     for (Eigen::Index k = 0; k < n; ++k) {
       weight_sums[k] += static_cast<double>((u.col(k).head(count) * factor).sum());
     }

@@ -299,8 +299,9 @@ SpliceResult<Scalar> splice(const std::vector<WeightSet<Scalar>>& sets, const Po
       copied.dtype = entry.dtype;
       copied.copy_reason = *reason;
       // As in streamed merges, a copied floating tensor may carry a NaN or
-      // infinity into the output only under NaN policy allow.
-      if (is_spliceable(entry.dtype)) {
+      // infinity into the output only under NaN policy allow. One model is
+      // returned unchanged, as splice_tensor() returns it.
+      if (is_spliceable(entry.dtype) && sets.size() > 1) {
         const TensorView<Scalar> values = base.view(entry.name);
         const std::int64_t bad = detail::first_non_finite(values, options.threads);
         if (bad >= 0) {
