@@ -303,6 +303,48 @@ TEST_CASE("scaled hard splice matches hard splice", "[splice][curves]") {
   }
 }
 
+TEST_CASE("scaled soft splice matches soft splice", "[splice][curves]") {
+  // apply_scaled() with weights u * scale must merge as apply() does on the
+  // products: up to 16 models take the vector path, 17 the other, and
+  // counts of 1 to 33 leave tails after whole vectors.
+  std::mt19937 generator(4);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (Eigen::Index n : {2, 3, 4, 8, 16, 17}) {
+    for (std::int64_t count : {1, 7, 8, 9, 33, 512}) {
+      INFO("N = " << n << ", count = " << count);
+      cki::BlockArray<float> u(512, n), w(512, n);
+      std::vector<std::vector<float>> values(static_cast<std::size_t>(n), std::vector<float>(512));
+      std::vector<const float*> block;
+      for (auto& model : values) {
+        for (auto& value : model) value = normal(generator);
+        block.push_back(model.data());
+      }
+      std::vector<float> scale(512);
+      for (Eigen::Index i = 0; i < 512; ++i) {
+        float total = 0.0f;
+        for (Eigen::Index k = 0; k < n; ++k) {
+          u(i, k) = std::abs(normal(generator));
+          total += u(i, k);
+        }
+        scale[static_cast<std::size_t>(i)] = 1.0f / total;
+        for (Eigen::Index k = 0; k < n; ++k) w(i, k) = u(i, k) * scale[static_cast<std::size_t>(i)];
+      }
+      std::vector<float> scaled(512), plain(512);
+      std::vector<double> scaled_sums(static_cast<std::size_t>(n)), plain_sums(scaled_sums.size());
+      std::vector<std::int64_t> unused(scaled_sums.size());
+      cki::SoftSplice::apply_scaled(u, scale.data(), block.data(), count, n, scaled.data(), scaled_sums.data(),
+                                    unused.data());
+      cki::SoftSplice::apply(w, block.data(), count, n, plain.data(), plain_sums.data(), unused.data());
+      for (std::size_t i = 0; i < static_cast<std::size_t>(count); ++i) {
+        CHECK(scaled[i] == Approx(plain[i]).epsilon(1e-5).margin(1e-6));
+      }
+      for (std::size_t k = 0; k < scaled_sums.size(); ++k) {
+        CHECK(scaled_sums[k] == Approx(plain_sums[k]).epsilon(1e-5));
+      }
+    }
+  }
+}
+
 TEST_CASE("curves keep identical models exact", "[splice][curves]") {
   // The largest weight of an element is exactly 1 before normalising, as
   // in the rule's softmax, so N identical models (N a power of two) give

@@ -65,6 +65,26 @@ inline constexpr int kCountVectorBytes = 32;
 inline constexpr int kCountVectorBytes = 16;
 #endif
 
+#if defined(__GNUC__) || defined(__clang__)
+/// Vector types of the GCC and Clang vector extensions for `Scalar`,
+/// kCountVectorBytes wide: values, a lane mask of the same width (a
+/// comparison gives -1 where true), and unaligned loads and stores.
+template <typename Scalar>
+struct Vectors {
+  using Bits = std::conditional_t<sizeof(Scalar) == 4, std::int32_t, std::int64_t>;
+  static constexpr int kWidth = kCountVectorBytes / static_cast<int>(sizeof(Scalar));
+  typedef Scalar Vector __attribute__((vector_size(kCountVectorBytes)));
+  typedef Bits Mask __attribute__((vector_size(kCountVectorBytes)));
+
+  static Vector load(const Scalar* from) {
+    Vector value;
+    std::memcpy(&value, from, sizeof value);
+    return value;
+  }
+  static void store(Scalar* to, const Vector& value) { std::memcpy(to, &value, sizeof value); }
+};
+#endif
+
 /// Adds to `at_least[j]`, for each of the kThresholds values of
 /// `thresholds`, how many of the `count` values are >= thresholds[j]. One
 /// pass reads each value once and keeps one vector of tallies per

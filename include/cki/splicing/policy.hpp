@@ -46,11 +46,17 @@ struct SoftSplice {
   static void apply_scaled(const BlockArray<Scalar>& u, const Scalar* scale, const Scalar* const* block,
                            std::int64_t count, Eigen::Index n, Scalar* out, double* weight_sums,
                            std::int64_t* /*hard_counts*/) {
+    // Each weight is scaled before it multiplies its value, so every term
+    // is at most the value itself and the sum cannot overflow early.
+#if defined(__GNUC__) || defined(__clang__)
+    if (n <= kMaxVectorModels) {
+      weigh_vectors(u, scale, block, count, n, out, weight_sums);
+      return;
+    }
+#endif
     using Column = Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
     const Column factor(scale, count);
     Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>> merged(out, count);
-    // Each weight is scaled before it multiplies its value, so every term
-    // is at most the value itself and the sum cannot overflow early.
     merged = (u.col(0).head(count) * factor) * Column(block[0], count);
     for (Eigen::Index k = 1; k < n; ++k) merged += (u.col(k).head(count) * factor) * Column(block[k], count);
     for (Eigen::Index k = 0; k < n; ++k) {
@@ -59,6 +65,48 @@ struct SoftSplice {
   }
 
  private:
+  // Largest model count whose weight sums weigh_vectors() keeps on the stack.
+  static constexpr Eigen::Index kMaxVectorModels = 16;
+
+#if defined(__GNUC__) || defined(__clang__)
+  // Runs apply_scaled() in one pass over the models per vector of elements,
+  // with the GCC and Clang vector extensions: the merged value stays in a
+  // register and the weight sums gather in vectors.
+  template <typename Scalar>
+  static void weigh_vectors(const BlockArray<Scalar>& u, const Scalar* scale, const Scalar* const* block,
+                            std::int64_t count, Eigen::Index n, Scalar* out, double* weight_sums) {
+    using V = detail::Vectors<Scalar>;
+    typename V::Vector sums[kMaxVectorModels];
+    for (Eigen::Index k = 0; k < n; ++k) sums[k] = typename V::Vector{};
+    const std::int64_t whole = count - count % V::kWidth;
+    for (std::int64_t i = 0; i < whole; i += V::kWidth) {
+      const typename V::Vector factor = V::load(scale + i);
+      typename V::Vector merged = typename V::Vector{};
+      for (Eigen::Index k = 0; k < n; ++k) {
+        const typename V::Vector weight = V::load(u.col(k).data() + i) * factor;
+        sums[k] += weight;
+        merged += weight * V::load(block[k] + i);
+      }
+      V::store(out + i, merged);
+    }
+    double tail_sums[kMaxVectorModels] = {};
+    for (std::int64_t i = whole; i < count; ++i) {
+      Scalar merged = 0;
+      for (Eigen::Index k = 0; k < n; ++k) {
+        const Scalar weight = u(i, k) * scale[i];
+        tail_sums[k] += static_cast<double>(weight);
+        merged += weight * block[k][i];
+      }
+      out[i] = merged;
+    }
+    for (Eigen::Index k = 0; k < n; ++k) {
+      double sum = tail_sums[k];
+      for (int lane = 0; lane < V::kWidth; ++lane) sum += static_cast<double>(sums[k][lane]);
+      weight_sums[k] += sum;
+    }
+  }
+#endif
+
   template <typename Scalar, typename Merged>
   static void weighted_sum(const BlockArray<Scalar>& w, const Scalar* const* block, std::int64_t count,
                            Eigen::Index n, Merged& merged) {
@@ -118,16 +166,12 @@ struct HardSplice {
   static void select_vectors(const BlockArray<Scalar>& u, const Scalar* scale, const Scalar* const* block,
                              std::int64_t count, Eigen::Index n, Scalar* out, double* weight_sums,
                              std::int64_t* hard_counts) {
-    using Bits = std::conditional_t<sizeof(Scalar) == 4, std::int32_t, std::int64_t>;
-    constexpr int kBytes = detail::kCountVectorBytes;
-    constexpr int kWidth = kBytes / static_cast<int>(sizeof(Scalar));
-    typedef Scalar Vector __attribute__((vector_size(kBytes)));
-    typedef Bits Mask __attribute__((vector_size(kBytes)));
-    const auto load = [](const Scalar* from) {
-      Vector value;
-      std::memcpy(&value, from, sizeof value);
-      return value;
-    };
+    using V = detail::Vectors<Scalar>;
+    using Bits = typename V::Bits;
+    using Vector = typename V::Vector;
+    using Mask = typename V::Mask;
+    constexpr int kWidth = V::kWidth;
+    const auto load = [](const Scalar* from) { return V::load(from); };
     // Lanes of `when` are all ones or all zeros: picks `chosen` where set.
     const auto pick = [](Mask when, Vector chosen, Vector other) {
       const Mask bits = (reinterpret_cast<Mask>(chosen) & when) | (reinterpret_cast<Mask>(other) & ~when);
@@ -155,7 +199,7 @@ struct HardSplice {
         merged = pick(higher, load(block[k] + i), merged);
         best_model = (best_model & ~higher) | (higher & static_cast<Bits>(k));
       }
-      std::memcpy(out + i, &merged, sizeof merged);
+      V::store(out + i, merged);
       // A vector compare gives -1 where true, so subtracting it counts.
       for (Eigen::Index k = 0; k < n; ++k) tallies[k] -= best_model == static_cast<Bits>(k);
     }
