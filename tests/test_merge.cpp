@@ -161,14 +161,14 @@ TEMPLATE_TEST_CASE("task arithmetic of identical models", "[merge][task-arithmet
 // ------------------------------------ non-finite inputs of linear merges
 
 // Average and task arithmetic test their output for NaN and infinity
-// instead of scanning the inputs first; the error must stay the one the scan
-// gave: the first model in input order that holds such a value, and its
+// instead of scanning the inputs first. The error must stay the one the scan
+// gave: the first model in input order that contains such a value, and its
 // first index.
 TEMPLATE_TEST_CASE("linear merges name first non-finite input", "[merge][average][task-arithmetic]", float,
                    double) {
   const TestType inf = std::numeric_limits<TestType>::infinity();
-  // Model 1 holds +Inf at index 2, model 3 NaN at index 0; with model 2 as
-  // the base, model 1 still comes first in input order.
+  // Model 1 contains +Inf at index 2 and model 3 NaN at index 0. With
+  // model 2 as the base, model 1 still comes first in input order.
   Inputs<TestType> inputs({2, 2}, {{0, 0, 0, 0}, {1, 1, 1, 1}, {2, 2, 2, 2}});
   inputs.tensors[0].data()[2] = inf;
   inputs.tensors[2].data()[0] = std::numeric_limits<TestType>::quiet_NaN();
@@ -181,7 +181,7 @@ TEMPLATE_TEST_CASE("linear merges name first non-finite input", "[merge][average
 TEMPLATE_TEST_CASE("linear merges check zero-weight inputs", "[merge][average][task-arithmetic]",
                    float, double) {
   // A weight of 0 keeps the model's values out of the output, so the output
-  // is finite; the model is still checked, as every input is.
+  // is finite. The model is still checked, as every input is.
   Inputs<TestType> inputs({3}, {{1, 2, 3}, {4, 5, 6}, {7, 8, 9}});
   inputs.tensors[2].data()[1] = std::numeric_limits<TestType>::quiet_NaN();
   cki::AverageParams average;
@@ -196,8 +196,8 @@ TEMPLATE_TEST_CASE("linear merges check zero-weight inputs", "[merge][average][t
 
 TEMPLATE_TEST_CASE("task arithmetic overflow is no error", "[merge][task-arithmetic]",
                    float, double) {
-  // base + (delta_1 + delta_2) with deltas of 0.75 x max overflows to +Inf,
-  // element 0 only; the inputs are finite, so no input is blamed.
+  // base + (delta_1 + delta_2) with deltas of 0.75 x max overflows to +Inf
+  // at element 0 only. The inputs are finite, so no input is blamed.
   const double big = 0.75 * static_cast<double>(std::numeric_limits<TestType>::max());
   const Inputs<TestType> inputs({2}, {{0, 0}, {big, 1}, {big, 2}});
   const auto merged = merge_tensor(cki::TaskArithmeticPolicy<TestType>(), inputs);

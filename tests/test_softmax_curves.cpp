@@ -114,9 +114,9 @@ TEST_CASE("fitted curves match softmax weights", "[assessment][curves]") {
     double scale;
   };
   // Global weights as the two-model and N-model forms give them (summing
-  // to 1) and larger ones, temperatures and scales off the defaults,
-  // and 77 elements: four whole packets of 16 floats and a remainder, or
-  // with SSE two whole chunks of 4 and more, so both loops run.
+  // to 1) and larger ones, with temperatures and scales off the defaults.
+  // Each case has 77 elements: four whole packets of 16 floats and a
+  // remainder (19 packets of 4 and a remainder with SSE), so both loops run.
   const std::vector<Case> cases{
       {2, {0.6, 1.4}, 1.0, 1.0},
       {2, {1.0, 1.0}, 0.5, 20.0},
@@ -267,8 +267,9 @@ TEST_CASE("curves splice identically across threads", "[splice][curves][threads]
 TEST_CASE("scaled hard splice matches hard splice", "[splice][curves]") {
   // apply_scaled() with weights u * scale must pick what apply() picks on
   // the products, ties to the lower index included. Every fifth element
-  // ties all models. Up to 16 models take the vector path, 17 the other;
-  // counts of 1 to 33 leave tails after whole vectors of 4 or 8 floats.
+  // ties all models. Up to 16 models take the vector path and 17 the
+  // other. Counts of 1 to 33 leave tails after whole vectors of 4 or 8
+  // floats.
   std::mt19937 generator(3);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   for (Eigen::Index n : {2, 3, 4, 8, 16, 17}) {
@@ -347,10 +348,10 @@ TEST_CASE("scaled soft splice matches soft splice", "[splice][curves]") {
 
 TEST_CASE("curves keep identical models exact", "[splice][curves]") {
   // The largest weight of an element is exactly 1 before normalising, as
-  // in the rule's softmax, so N identical models (N a power of two) give
-  // weights of exactly 1 / N and return the input bit for bit, even at
-  // values near the float maximum, where a sum of unnormalised weighted
-  // values would overflow.
+  // in the rule's softmax. So N identical models (N a power of two) get
+  // weights of exactly 1 / N and come back bit for bit, also at values near
+  // the float maximum, where a sum of unnormalised weighted values would
+  // overflow.
   std::mt19937 generator(5);
   std::normal_distribution<float> normal(0.0f, 0.05f);
   std::vector<float> values(5000);

@@ -166,8 +166,8 @@ class CompatibilityAssessment {
                   std::is_same_v<Rule, CombinationRule>) {
       if (global_weights.size() >= 2 && rule_.params().rule == RuleKind::softmax &&
           local_.maps_for(context.name) == nullptr) {
-        // The rule sees the global weights rounded to float, so the curves
-        // start from the same values: equal weights there give equal curves.
+        // The rule uses the global weights rounded to float, so the curves
+        // start from the same values, and equal weights give equal curves.
         std::vector<double> rounded;
         for (double weight : global_weights) rounded.push_back(static_cast<float>(weight));
         return detail::SoftmaxCurves::fit(rounded, rule_.params().temperature, local_.params().scale);

@@ -82,7 +82,7 @@ class SoftmaxCurves {
   ///
   /// Each model's chain (deviation, exponential, polynomial) runs in one
   /// loop over Eigen's vector packets, so intermediate values stay in
-  /// registers; the elements after the last whole packet run the same
+  /// registers. The elements after the last whole packet run the same
   /// operations on single floats.
   const float* weights(const float* const* block, std::int64_t count, BlockArray<float>& w,
                        BlockArray<float>& scratch) const {
@@ -165,9 +165,9 @@ class SoftmaxCurves {
     ei::pstoreu(total + i, first ? relative : ei::padd(ei::ploadu<P>(total + i), relative));
   }
 
-  // Where model k's deviation comes from: the running sum of all models
-  // (N > 2), the pair of models (N = 2, model 0, which also stores x), or x
-  // stored by model 0 (N = 2, model 1: both models share the deviation).
+  // Source of model k's deviation: the running sum of all models (N > 2),
+  // the pair of models (N = 2, model 0, which also stores x), or x stored by
+  // model 0 (N = 2, model 1, because both models share the deviation).
   enum class Source { sum, pair, shared };
   template <Source value_>
   struct SourceTag {
