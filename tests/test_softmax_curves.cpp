@@ -104,6 +104,20 @@ std::vector<cki::Tensor<float>> tensors_of(const std::vector<std::vector<float>>
   return tensors;
 }
 
+/// N random models of 512 values for the splice tests, and their pointers.
+struct RandomBlock {
+  std::vector<std::vector<float>> values;
+  std::vector<const float*> pointers;
+
+  RandomBlock(Eigen::Index n, std::mt19937& generator) : values(static_cast<std::size_t>(n), std::vector<float>(512)) {
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    for (auto& model : values) {
+      for (auto& value : model) value = normal(generator);
+      pointers.push_back(model.data());
+    }
+  }
+};
+
 }  // namespace
 
 TEST_CASE("fitted curves match softmax weights", "[assessment][curves]") {
@@ -276,12 +290,9 @@ TEST_CASE("scaled hard splice matches hard splice", "[splice][curves]") {
     for (std::int64_t count : {1, 7, 8, 9, 33, 512}) {
       INFO("N = " << n << ", count = " << count);
       cki::BlockArray<float> u(512, n), w(512, n);
-      std::vector<std::vector<float>> values(static_cast<std::size_t>(n), std::vector<float>(512));
-      std::vector<const float*> block;
-      for (auto& model : values) {
-        for (auto& value : model) value = normal(generator);
-        block.push_back(model.data());
-      }
+      const RandomBlock models(n, generator);
+      const std::vector<std::vector<float>>& values = models.values;
+      const std::vector<const float*>& block = models.pointers;
       std::vector<float> scale(512, 1.0f / 3.0f);
       for (Eigen::Index i = 0; i < 512; ++i) {
         for (Eigen::Index k = 0; k < n; ++k) {
@@ -314,12 +325,8 @@ TEST_CASE("scaled soft splice matches soft splice", "[splice][curves]") {
     for (std::int64_t count : {1, 7, 8, 9, 33, 512}) {
       INFO("N = " << n << ", count = " << count);
       cki::BlockArray<float> u(512, n), w(512, n);
-      std::vector<std::vector<float>> values(static_cast<std::size_t>(n), std::vector<float>(512));
-      std::vector<const float*> block;
-      for (auto& model : values) {
-        for (auto& value : model) value = normal(generator);
-        block.push_back(model.data());
-      }
+      const RandomBlock models(n, generator);
+      const std::vector<const float*>& block = models.pointers;
       std::vector<float> scale(512);
       for (Eigen::Index i = 0; i < 512; ++i) {
         float total = 0.0f;

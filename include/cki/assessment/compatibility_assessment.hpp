@@ -155,10 +155,11 @@ class CompatibilityAssessment {
     return out;
   }
 
-  /// The element weights of this tensor as fitted curves (see
-  /// detail::SoftmaxCurves), when the default local uncertainty and the
+  /// Returns the element weights of this tensor as fitted curves (see
+  /// detail::SoftmaxCurves) when the default local uncertainty and the
   /// softmax rule compute them in float and the tensor has no assessment
-  /// map; nothing otherwise, or when the curves miss their error bound.
+  /// map. Returns nothing otherwise, or when the curves miss their error
+  /// bound.
   /// `global_weights` are base first, as assess_tensor() returns them.
   std::optional<detail::SoftmaxCurves> softmax_curves(const TensorContext& context,
                                                       const std::vector<double>& global_weights) const {

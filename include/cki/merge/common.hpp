@@ -165,9 +165,9 @@ bool add_scaled_deltas(const std::vector<TensorView<Scalar>>& models, const std:
 
 /// Raises the error splice_tensor() raises for a non-finite input, for a
 /// policy that merges first and checks after (see `checks_finite` on
-/// SplicingPolicy). `models` are base first as merge() receives them;
-/// `reached[i]` says whether every value of models[i] reached the output,
-/// which holds a NaN or infinity whenever such an input did. When
+/// SplicingPolicy). `models` are base first as merge() receives them.
+/// `reached[i]` is true when every value of models[i] reached the output,
+/// which then contains a NaN or infinity whenever such an input did. When
 /// `output_finite` is false every model is scanned, otherwise only those
 /// that did not reach the output. Throws NumericError naming the tensor,
 /// the model and the first index, for the first model in input order that

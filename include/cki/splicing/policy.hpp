@@ -22,6 +22,25 @@
 
 namespace cki {
 
+namespace detail {
+
+/// Largest model count whose sums and tallies the vector paths of the
+/// splices keep on the stack.
+inline constexpr Eigen::Index kMaxVectorModels = 16;
+
+/// Adds sum_i u(i, k) * scale[i] over the first `count` rows to
+/// weight_sums[k] for each of the `n` models.
+template <typename Scalar>
+void add_scaled_sums(const BlockArray<Scalar>& u, const Scalar* scale, std::int64_t count, Eigen::Index n,
+                     double* weight_sums) {
+  const Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>> factor(scale, count);
+  for (Eigen::Index k = 0; k < n; ++k) {
+    weight_sums[k] += static_cast<double>((u.col(k).head(count) * factor).sum());
+  }
+}
+
+}  // namespace detail
+
 /// Soft splicing: the merged element is the weighted sum sum_k w_k theta_k.
 struct SoftSplice {
   static constexpr bool is_hard = false;
@@ -49,7 +68,7 @@ struct SoftSplice {
     // Each weight is scaled before it multiplies its value, so every term
     // is at most the value itself and the sum cannot overflow early.
 #if defined(__GNUC__) || defined(__clang__)
-    if (n <= kMaxVectorModels) {
+    if (n <= detail::kMaxVectorModels) {
       weigh_vectors(u, scale, block, count, n, out, weight_sums);
       return;
     }
@@ -59,14 +78,10 @@ struct SoftSplice {
     Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>> merged(out, count);
     merged = (u.col(0).head(count) * factor) * Column(block[0], count);
     for (Eigen::Index k = 1; k < n; ++k) merged += (u.col(k).head(count) * factor) * Column(block[k], count);
-    for (Eigen::Index k = 0; k < n; ++k) {
-      weight_sums[k] += static_cast<double>((u.col(k).head(count) * factor).sum());
-    }
+    detail::add_scaled_sums(u, scale, count, n, weight_sums);
   }
 
  private:
-  // Largest model count whose weight sums weigh_vectors() keeps on the stack.
-  static constexpr Eigen::Index kMaxVectorModels = 16;
 
 #if defined(__GNUC__) || defined(__clang__)
   // Runs apply_scaled() in one pass over the models per vector of elements,
@@ -76,7 +91,7 @@ struct SoftSplice {
   static void weigh_vectors(const BlockArray<Scalar>& u, const Scalar* scale, const Scalar* const* block,
                             std::int64_t count, Eigen::Index n, Scalar* out, double* weight_sums) {
     using V = detail::Vectors<Scalar>;
-    typename V::Vector sums[kMaxVectorModels];
+    typename V::Vector sums[detail::kMaxVectorModels];
     for (Eigen::Index k = 0; k < n; ++k) sums[k] = typename V::Vector{};
     const std::int64_t whole = count - count % V::kWidth;
     for (std::int64_t i = 0; i < whole; i += V::kWidth) {
@@ -89,7 +104,7 @@ struct SoftSplice {
       }
       V::store(out + i, merged);
     }
-    double tail_sums[kMaxVectorModels] = {};
+    double tail_sums[detail::kMaxVectorModels] = {};
     for (std::int64_t i = whole; i < count; ++i) {
       Scalar merged = 0;
       for (Eigen::Index k = 0; k < n; ++k) {
@@ -140,21 +155,16 @@ struct HardSplice {
                            std::int64_t count, Eigen::Index n, Scalar* out, double* weight_sums,
                            std::int64_t* hard_counts) {
 #if defined(__GNUC__) || defined(__clang__)
-    if (n <= kMaxVectorModels) {
+    if (n <= detail::kMaxVectorModels) {
       select_vectors(u, scale, block, count, n, out, weight_sums, hard_counts);
       return;
     }
 #endif
     select<true>(u, scale, block, count, n, out, hard_counts);
-    const Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>> factor(scale, count);
-    for (Eigen::Index k = 0; k < n; ++k) {
-      weight_sums[k] += static_cast<double>((u.col(k).head(count) * factor).sum());
-    }
+    detail::add_scaled_sums(u, scale, count, n, weight_sums);
   }
 
  private:
-  // Largest model count whose sums and tallies select_vectors() keeps on the stack.
-  static constexpr Eigen::Index kMaxVectorModels = 16;
 
 #if defined(__GNUC__) || defined(__clang__)
   // Runs apply_scaled() in one pass over the models per vector of elements,
@@ -178,8 +188,8 @@ struct HardSplice {
       return reinterpret_cast<Vector>(bits);
     };
 
-    Vector sums[kMaxVectorModels];
-    Mask tallies[kMaxVectorModels];
+    Vector sums[detail::kMaxVectorModels];
+    Mask tallies[detail::kMaxVectorModels];
     for (Eigen::Index k = 0; k < n; ++k) {
       sums[k] = Vector{};
       tallies[k] = Mask{};
@@ -203,7 +213,7 @@ struct HardSplice {
       // A vector compare gives -1 where true, so subtracting it counts.
       for (Eigen::Index k = 0; k < n; ++k) tallies[k] -= best_model == static_cast<Bits>(k);
     }
-    double tail_sums[kMaxVectorModels] = {};
+    double tail_sums[detail::kMaxVectorModels] = {};
     for (std::int64_t i = whole; i < count; ++i) {
       Scalar best = u(i, 0) * scale[i];
       Eigen::Index best_model = 0;
