@@ -220,7 +220,10 @@ void run_policy(benchmark::State& state, Workload& work, int threads, const Poli
 /// elements of N models that stays in cache, in ns of CPU time per element
 /// (all N models): what the stage costs when memory is not the limit. The
 /// stage "curves" computes the weights from fitted softmax curves, which
-/// replace "local" and "rule" for float tensors without an assessment map.
+/// replace "local" and "rule" for float tensors without an assessment map,
+/// chunk by chunk as splice() does for more than 8 models. The stages
+/// "curves_soft" and "curves_hard" weigh and splice in one pass per vector
+/// of elements, as splice() does for 2 to 8 models.
 /// The stages "eigen_exp" and "eigen_logistic" time Eigen's vectorised exp
 /// and logistic on one column, the functions the other stages are built from.
 void run_block_stages(benchmark::State& state, int models, const std::string& stage) {
@@ -268,6 +271,18 @@ void run_block_stages(benchmark::State& state, int models, const std::string& st
         for (auto& pointer : chunk) pointer += start;
         benchmark::DoNotOptimize(curves.weights(chunk.data(), cki::detail::SoftmaxCurves::kChunk, w, curve_scratch));
       }
+    } else if (stage == "curves_soft" || stage == "curves_hard") {
+      const bool hard = stage == "curves_hard";
+      cki::detail::SoftmaxCurves::with_model_count(models, [&](auto models_count) {
+        constexpr int kN = decltype(models_count)::value;
+        if (hard) {
+          cki::HardSplice::apply_curves<kN>(curves, pointers.data(), count, out.data(), weight_sums.data(),
+                                            hard_counts.data());
+        } else {
+          cki::SoftSplice::apply_curves<kN>(curves, pointers.data(), count, out.data(), weight_sums.data(),
+                                            hard_counts.data());
+        }
+      });
     } else if (stage == "eigen_exp") {
       w.col(0) = (-column).exp();
     } else if (stage == "eigen_logistic") {
@@ -318,7 +333,8 @@ void add_baselines(int models, int size_mebi, int threads) {
 
 void register_all(const Options& options) {
   using cki::RuleKind;
-  for (const char* stage : {"local", "rule", "soft", "hard", "curves", "eigen_exp", "eigen_logistic"}) {
+  for (const char* stage : {"local", "rule", "soft", "hard", "curves", "curves_soft", "curves_hard", "eigen_exp",
+                            "eigen_logistic"}) {
     const std::string name = std::string("block_stage/") + stage + "/n:4";
     benchmark::RegisterBenchmark(name.c_str(), [stage](benchmark::State& state) { run_block_stages(state, 4, stage); })
         ->Unit(benchmark::kMicrosecond);

@@ -162,6 +162,48 @@ TEST_CASE("fitted curves match softmax weights", "[assessment][curves]") {
   }
 }
 
+TEST_CASE("curves as accurate as float functors", "[assessment][curves]") {
+  // Scales s from 1 to 1e6, temperatures from 0.1 to 1e6, deviations of
+  // 0.2 and 0.001 between 4 models. The curves' largest error against the
+  // stage-wise functors in double must stay within twice that of the
+  // stage-wise functors in float, plus 5e-8. At tau = 0.01 the fit is
+  // rejected, so the stage-wise functors run instead.
+  const std::vector<double> global{0.1, 0.4, 0.3, 0.2};
+  const std::int64_t count = 512;
+  std::mt19937 generator(7);
+  for (double scale : {1.0, 20.0, 1e3, 1e6}) {
+    for (double temperature : {0.01, 0.1, 1.0, 100.0, 1e6}) {
+      for (float spread : {0.2f, 1e-3f}) {
+        INFO("s = " << scale << ", tau = " << temperature << ", deviation " << spread);
+        std::normal_distribution<float> normal(0.0f, spread);
+        std::vector<std::vector<float>> models(4, std::vector<float>(static_cast<std::size_t>(count)));
+        for (std::size_t i = 0; i < static_cast<std::size_t>(count); ++i) {
+          const float shared = normal(generator);
+          for (auto& model : models) model[i] = shared + normal(generator);
+        }
+        cki::CkiParams params;
+        params.scale = scale;
+        params.temperature = temperature;
+        std::vector<double> rounded;
+        for (double weight : global) rounded.push_back(static_cast<float>(weight));
+        const Eigen::ArrayXXd exact = reference_weights(models, rounded, params);
+
+        std::vector<const float*> pointers;
+        for (const auto& model : models) pointers.push_back(model.data());
+        const std::vector<float> global_float(rounded.begin(), rounded.end());
+        cki::BlockArray<float> l(count, 4), w(count, 4), scratch(count, 4);
+        cki::LocalUncertainty<float>(params.local())(context_of(4, count), pointers.data(), count, l, scratch);
+        cki::CombinationRule(params.combination())(global_float, count, l, w, scratch);
+        const double stagewise = (w.cast<double>() - exact).abs().maxCoeff();
+
+        const auto curves = cki::detail::SoftmaxCurves::fit(rounded, temperature, scale);
+        CHECK(curves.has_value() == (temperature > 0.01));
+        if (curves) CHECK((curve_weights(*curves, models) - exact).abs().maxCoeff() <= 2.0 * stagewise + 5e-8);
+      }
+    }
+  }
+}
+
 TEST_CASE("fitted curves tie like the rule", "[assessment][curves]") {
   // Equal global weights give every model the same curve, so equal
   // deviations give bitwise equal weights: hard splicing then keeps the
@@ -178,8 +220,8 @@ TEST_CASE("fitted curves tie like the rule", "[assessment][curves]") {
 
 TEST_CASE("inaccurate curve fits are rejected", "[assessment][curves]") {
   CHECK(cki::detail::SoftmaxCurves::fit({0.6, 1.4}, 1.0, 1.0).has_value());
-  // tau = 1e-3 makes exp(e / tau) span about e^500 across t: no degree-8
-  // polynomial follows that, and it would overflow float.
+  // tau = 1e-3 makes exp(e / tau) span about e^500 across q: no polynomial
+  // of degree kDegree follows that, and it would overflow float.
   CHECK_FALSE(cki::detail::SoftmaxCurves::fit({0.6, 1.4}, 1e-3, 1.0).has_value());
   // g / tau = 40 still fits in float but bends too fast for the polynomial.
   CHECK_FALSE(cki::detail::SoftmaxCurves::fit({8.0, 8.0}, 0.2, 1.0).has_value());
@@ -194,6 +236,11 @@ static_assert(cki::detail::has_softmax_curves<cki::CompatibilityAssessment<float
 static_assert(cki::detail::has_apply_scaled<cki::SoftSplice, float>::value &&
                   cki::detail::has_apply_scaled<cki::HardSplice, float>::value,
               "splice() must find the scaled splices");
+#if defined(EIGEN_VECTORIZE) && (defined(__GNUC__) || defined(__clang__))
+static_assert(cki::detail::has_apply_curves<cki::SoftSplice>::value &&
+                  cki::detail::has_apply_curves<cki::HardSplice>::value,
+              "splice() must find the fused splices");
+#endif
 
 TEST_CASE("curves only for float softmax", "[assessment][curves]") {
   const cki::TensorContext context = context_of(2, 8);
@@ -218,7 +265,8 @@ TEST_CASE("curves splice like stage-wise functors", "[splice][curves]") {
   // chunks of 512 inside them, the last chunk of each block short.
   const cki::Shape shape{3, 4100};
   const std::int64_t count = 3 * 4100;
-  for (std::size_t n : {2u, 4u}) {
+  // Up to 8 models splice one vector of elements at a time, 9 chunk by chunk.
+  for (std::size_t n : {2u, 4u, 9u}) {
     INFO("N = " << n);
     const auto values = test_models(n, count, static_cast<std::uint32_t>(7 + n));
     const auto tensors = tensors_of(values, shape);
@@ -352,6 +400,141 @@ TEST_CASE("scaled soft splice matches soft splice", "[splice][curves]") {
     }
   }
 }
+
+#if defined(EIGEN_VECTORIZE) && (defined(__GNUC__) || defined(__clang__))
+namespace {
+
+/// Splices `count` elements of `models` through curves.weights() and the
+/// splice's apply_scaled() in chunks of SoftmaxCurves::kChunk, as splice()
+/// does for more than SoftmaxCurves::kMaxFusedModels models.
+template <typename Splice>
+void chunked_splice(const cki::detail::SoftmaxCurves& curves, const std::vector<const float*>& models,
+                    std::int64_t count, float* out, double* weight_sums, std::int64_t* hard_counts) {
+  using Curves = cki::detail::SoftmaxCurves;
+  const auto n = static_cast<Eigen::Index>(models.size());
+  cki::BlockArray<float> u(Curves::kChunk, n), scratch(Curves::kChunk, Curves::kScratchColumns);
+  std::vector<const float*> chunk(models.size());
+  for (std::int64_t start = 0; start < count; start += Curves::kChunk) {
+    const std::int64_t length = std::min(Curves::kChunk, count - start);
+    for (std::size_t k = 0; k < models.size(); ++k) chunk[k] = models[k] + start;
+    const float* scale = curves.weights(chunk.data(), length, u, scratch);
+    Splice::apply_scaled(u, scale, chunk.data(), length, n, out + start, weight_sums, hard_counts);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("fused splices match chunked splices", "[splice][curves]") {
+  // For 2 to kMaxFusedModels models, splice() weighs and splices one
+  // vector of elements at a time (apply_curves). Beyond that it stores the
+  // weights of each chunk and splices them with apply_scaled(). Both must
+  // choose the same hard values and counts bit for bit.
+  // A soft value may differ by a rounding of each term, where the compiler
+  // fuses a multiply and an add in one path only (GCC 12 does for N = 8
+  // with -march=native), so the bound below allows that.
+  // Counts cover a single element, tails after whole packets, and several
+  // chunks with a short last one.
+  for (int n = 2; n <= cki::detail::SoftmaxCurves::kMaxFusedModels; ++n) {
+    for (bool equal : {false, true}) {
+      std::vector<double> global;
+      for (int k = 0; k < n; ++k) global.push_back(equal ? 1.0 / n : (1.0 + k) / (n * (n + 1) / 2.0));
+      const auto curves = cki::detail::SoftmaxCurves::fit(global, 0.5, 2.0);
+      REQUIRE(curves.has_value());
+
+      const auto values = test_models(static_cast<std::size_t>(n), 1300, static_cast<std::uint32_t>(40 + n));
+      std::vector<const float*> models;
+      for (const auto& model : values) models.push_back(model.data());
+      for (std::int64_t count : {1, 15, 17, 33, 512, 1300}) {
+        INFO("N = " << n << ", equal global weights: " << equal << ", count = " << count);
+        const auto size = static_cast<std::size_t>(count);
+        std::vector<float> fused_soft(size), chunked_soft(size), fused_hard(size), chunked_hard(size);
+        std::vector<double> sums[4];
+        std::vector<std::int64_t> counts[4];
+        for (int j = 0; j < 4; ++j) {
+          sums[j].assign(static_cast<std::size_t>(n), 0.0);
+          counts[j].assign(static_cast<std::size_t>(n), 0);
+        }
+
+        const bool fused = cki::detail::SoftmaxCurves::with_model_count(n, [&](auto models_count) {
+          constexpr int kN = decltype(models_count)::value;
+          cki::SoftSplice::apply_curves<kN>(*curves, models.data(), count, fused_soft.data(), sums[0].data(),
+                                            counts[0].data());
+          cki::HardSplice::apply_curves<kN>(*curves, models.data(), count, fused_hard.data(), sums[1].data(),
+                                            counts[1].data());
+        });
+        REQUIRE(fused);
+        chunked_splice<cki::SoftSplice>(*curves, models, count, chunked_soft.data(), sums[2].data(),
+                                        counts[2].data());
+        chunked_splice<cki::HardSplice>(*curves, models, count, chunked_hard.data(), sums[3].data(),
+                                        counts[3].data());
+
+        for (std::size_t i = 0; i < size; ++i) {
+          double magnitude = 0.0;
+          for (const auto& model : values) magnitude += std::abs(static_cast<double>(model[i]));
+          CHECK(std::abs(static_cast<double>(fused_soft[i]) - chunked_soft[i]) <= 2.4e-7 * magnitude);
+        }
+        CHECK(std::memcmp(fused_hard.data(), chunked_hard.data(), size * sizeof(float)) == 0);
+        CHECK(counts[1] == counts[3]);
+
+        std::int64_t taken = 0;
+        for (int k = 0; k < n; ++k) {
+          taken += counts[1][static_cast<std::size_t>(k)];
+          CHECK(sums[0][static_cast<std::size_t>(k)] == Approx(sums[2][static_cast<std::size_t>(k)]).epsilon(1e-6));
+          CHECK(sums[1][static_cast<std::size_t>(k)] == Approx(sums[3][static_cast<std::size_t>(k)]).epsilon(1e-6));
+        }
+        CHECK(taken == count);
+        if (equal && n == 2) CHECK(counts[1][0] == count);  // N = 2 shares q: every element ties
+      }
+    }
+  }
+
+  // Nine models take the chunked path.
+  const auto nine = cki::detail::SoftmaxCurves::fit(std::vector<double>(9, 1.0 / 9), 1.0, 1.0);
+  REQUIRE(nine.has_value());
+  CHECK_FALSE(cki::detail::SoftmaxCurves::with_model_count(nine->models(), [](auto) {}));
+}
+
+TEST_CASE("fused hard splice counts full chunks", "[splice][curves]") {
+  // Identical models have d = 0 and q = 1 everywhere, so G_k(1) alone
+  // decides. With equal global weights every element ties and the base
+  // takes all of them. With rising global weights G_k(1) rises with k
+  // and the last model takes all of them: its tally field gets the most a
+  // chunk can give, over eight whole chunks and a tail.
+  const std::int64_t count = 8 * cki::detail::SoftmaxCurves::kChunk + 7;
+  // Moderate values: at huge ones the leave-one-out mean, taken from the
+  // rounded sum of all models, differs from the value itself.
+  std::mt19937 generator(61);
+  std::normal_distribution<float> normal(0.0f, 0.1f);
+  std::vector<float> shared(static_cast<std::size_t>(count));
+  for (auto& value : shared) value = normal(generator);
+  for (int n = 2; n <= cki::detail::SoftmaxCurves::kMaxFusedModels; ++n) {
+    const std::vector<std::vector<float>> values(static_cast<std::size_t>(n), shared);
+    std::vector<const float*> models;
+    for (const auto& model : values) models.push_back(model.data());
+    for (bool rising : {false, true}) {
+      INFO("N = " << n << ", rising global weights: " << rising);
+      std::vector<double> global;
+      for (int k = 0; k < n; ++k) global.push_back(rising ? (1.0 + k) / (n * (n + 1) / 2.0) : 1.0 / n);
+      const auto curves = cki::detail::SoftmaxCurves::fit(global, 0.5, 2.0);
+      REQUIRE(curves.has_value());
+
+      std::vector<float> merged(static_cast<std::size_t>(count));
+      std::vector<double> sums(static_cast<std::size_t>(n), 0.0);
+      std::vector<std::int64_t> counts(static_cast<std::size_t>(n), 0);
+      cki::detail::SoftmaxCurves::with_model_count(n, [&](auto models_count) {
+        cki::HardSplice::apply_curves<decltype(models_count)::value>(*curves, models.data(), count, merged.data(),
+                                                                     sums.data(), counts.data());
+      });
+
+      std::vector<std::int64_t> expected(static_cast<std::size_t>(n), 0);
+      expected[rising ? static_cast<std::size_t>(n - 1) : 0] = count;
+      CHECK(counts == expected);
+      CHECK(std::memcmp(merged.data(), values[0].data(), merged.size() * sizeof(float)) == 0);
+    }
+  }
+}
+
+#endif
 
 TEST_CASE("curves keep identical models exact", "[splice][curves]") {
   // The largest weight of an element is exactly 1 before normalising, as

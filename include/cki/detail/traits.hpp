@@ -91,6 +91,16 @@ struct has_apply_scaled<Splice, Scalar,
                             std::declval<Scalar*>(), std::declval<double*>(), std::declval<std::int64_t*>()))>>
     : std::true_type {};
 
+class SoftmaxCurves;
+
+template <typename Splice, typename = void>
+struct has_apply_curves : std::false_type {};
+template <typename Splice>
+struct has_apply_curves<Splice, std::void_t<decltype(Splice::template apply_curves<2>(
+                                    std::declval<const SoftmaxCurves&>(), std::declval<const float* const*>(),
+                                    std::int64_t{}, std::declval<float*>(), std::declval<double*>(),
+                                    std::declval<std::int64_t*>()))>> : std::true_type {};
+
 template <typename T, typename = void>
 struct has_parameters : std::false_type {};
 template <typename T>

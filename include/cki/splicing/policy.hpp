@@ -2,6 +2,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -20,6 +21,13 @@
 #include "cki/splicing/report.hpp"
 #include "cki/tensor.hpp"
 
+// Eigen's packet types carry vector attributes that GCC drops, with a
+// warning, when they are template arguments; Eigen's own headers do the same.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"
+#endif
+
 namespace cki {
 
 namespace detail {
@@ -36,6 +44,70 @@ void add_scaled_sums(const BlockArray<Scalar>& u, const Scalar* scale, std::int6
   const Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>> factor(scale, count);
   for (Eigen::Index k = 0; k < n; ++k) {
     weight_sums[k] += static_cast<double>((u.col(k).head(count) * factor).sum());
+  }
+}
+
+/// Returns the sum of the lanes of `packet` in double, in lane order.
+template <typename Packet>
+double sum_lanes_as_double(const Packet& packet) {
+  constexpr int kSize = Eigen::internal::unpacket_traits<Packet>::size;
+  float lanes[kSize];
+  Eigen::internal::pstoreu(lanes, packet);
+  double sum = 0.0;
+  for (float lane : lanes) sum += static_cast<double>(lane);
+  return sum;
+}
+
+/// Eigen's widest float packet, the vector type of the fused splices.
+using FloatPacket = typename Eigen::internal::packet_traits<float>::type;
+
+#if defined(EIGEN_VECTORIZE) && (defined(__GNUC__) || defined(__clang__))
+/// A FloatPacket as a vector of the GCC and Clang vector extensions, the
+/// lane mask of the same width, and unsigned counts (which wrap, as signed
+/// lanes must not).
+inline constexpr int kFloatVectorWidth = static_cast<int>(sizeof(FloatPacket) / sizeof(float));
+typedef float FloatVector __attribute__((vector_size(sizeof(FloatPacket))));
+typedef std::int32_t FloatVectorMask __attribute__((vector_size(sizeof(FloatPacket))));
+typedef std::uint32_t FloatVectorCount __attribute__((vector_size(sizeof(FloatPacket))));
+#endif
+
+/// Weighs the first `count` elements of kN models (`block`, base first)
+/// with `curves` and hands them to a local copy of `prototype`, `step`.
+/// Calls step.splice(i, theta, w) for each whole packet of elements from i
+/// on (std::array of kN FloatPacket) and for each remaining element
+/// (std::array of kN float), with theta holding the values and w the
+/// weights. Calls step.flush() after every SoftmaxCurves::kChunk elements
+/// and at the end, so that the steps' float partial sums stay short.
+template <int kN, typename Step>
+void for_each_weighted(const SoftmaxCurves& curves, const float* const* block, std::int64_t count,
+                       const Step& prototype) {
+  Step step = prototype;
+  constexpr std::int64_t kSize = Eigen::internal::unpacket_traits<FloatPacket>::size;
+  const SoftmaxCurves::Weigher<kN, FloatPacket> packets(curves);
+  const SoftmaxCurves::Weigher<kN, float> singles(curves);
+  typename SoftmaxCurves::Weigher<kN, FloatPacket>::Values theta, w, next_theta, next_w;
+  typename SoftmaxCurves::Weigher<kN, float>::Values single_theta, single_w;
+  for (std::int64_t start = 0; start < count; start += SoftmaxCurves::kChunk) {
+    const std::int64_t end = std::min(count, start + SoftmaxCurves::kChunk);
+    std::int64_t i = start;
+    // Two packets at a time: the second packet's curves run while the first
+    // waits on its divisions (3 to 7 % faster in the block_stage benchmarks
+    // curves_soft and curves_hard, docs/benchmarks.md).
+    for (; i + 2 * kSize <= end; i += 2 * kSize) {
+      packets.weigh(block, i, theta, w);
+      packets.weigh(block, i + kSize, next_theta, next_w);
+      step.splice(i, theta, w);
+      step.splice(i + kSize, next_theta, next_w);
+    }
+    for (; i + kSize <= end; i += kSize) {
+      packets.weigh(block, i, theta, w);
+      step.splice(i, theta, w);
+    }
+    for (; i < end; ++i) {
+      singles.weigh(block, i, single_theta, single_w);
+      step.splice(i, single_theta, single_w);
+    }
+    step.flush();
   }
 }
 
@@ -81,7 +153,66 @@ struct SoftSplice {
     detail::add_scaled_sums(u, scale, count, n, weight_sums);
   }
 
+#if defined(EIGEN_VECTORIZE)
+  /// As apply_scaled() with the weights of `curves`, for exactly kN models
+  /// (float only), without storing the weights to work columns. The
+  /// weights are bitwise those of curves.weights(). A merged value may
+  /// differ from apply_scaled()'s by a rounding per model, where the
+  /// compiler fuses a multiply and an add in one path only.
+  template <int kN>
+  static void apply_curves(const detail::SoftmaxCurves& curves, const float* const* block, std::int64_t count,
+                           float* out, double* weight_sums, std::int64_t* /*hard_counts*/) {
+    detail::for_each_weighted<kN>(curves, block, count, CurveStep<kN>(out, weight_sums));
+  }
+#endif
+
  private:
+#if defined(EIGEN_VECTORIZE)
+  // The step of apply_curves(): the merged value of each element and
+  // each model's weight sum.
+  template <int kN>
+  class CurveStep {
+   public:
+    using Packet = detail::FloatPacket;
+
+    CurveStep(float* out, double* weight_sums) : out_(out), weight_sums_(weight_sums) {
+      sums_.fill(Eigen::internal::pset1<Packet>(0.0f));
+    }
+
+    void splice(std::int64_t i, const std::array<Packet, kN>& theta, const std::array<Packet, kN>& w) {
+      namespace ei = Eigen::internal;
+      Packet merged = ei::pset1<Packet>(0.0f);
+      for (int k = 0; k < kN; ++k) {
+        sums_[k] = ei::padd(sums_[k], w[k]);
+        merged = ei::pmadd(w[k], theta[k], merged);
+      }
+      ei::pstoreu(out_ + i, merged);
+    }
+
+    void splice(std::int64_t i, const std::array<float, kN>& theta, const std::array<float, kN>& w) {
+      float merged = 0.0f;
+      for (int k = 0; k < kN; ++k) {
+        single_sums_[k] += static_cast<double>(w[k]);
+        merged += w[k] * theta[k];
+      }
+      out_[i] = merged;
+    }
+
+    void flush() {
+      for (int k = 0; k < kN; ++k) {
+        weight_sums_[k] += single_sums_[k] + detail::sum_lanes_as_double(sums_[k]);
+        sums_[k] = Eigen::internal::pset1<Packet>(0.0f);
+        single_sums_[k] = 0.0;
+      }
+    }
+
+   private:
+    float* out_;
+    double* weight_sums_;
+    std::array<Packet, kN> sums_;
+    std::array<double, kN> single_sums_{};
+  };
+#endif
 
 #if defined(__GNUC__) || defined(__clang__)
   // Runs apply_scaled() in one pass over the models per vector of elements,
@@ -164,7 +295,119 @@ struct HardSplice {
     detail::add_scaled_sums(u, scale, count, n, weight_sums);
   }
 
+#if defined(EIGEN_VECTORIZE) && (defined(__GNUC__) || defined(__clang__))
+  /// As apply_scaled() with the weights of `curves`, for exactly kN models
+  /// (float only), without storing the weights to work columns. The choice
+  /// is bitwise the one of curves.weights() and apply_scaled().
+  template <int kN>
+  static void apply_curves(const detail::SoftmaxCurves& curves, const float* const* block, std::int64_t count,
+                           float* out, double* weight_sums, std::int64_t* hard_counts) {
+    detail::for_each_weighted<kN>(curves, block, count, CurveStep<kN>(out, weight_sums, hard_counts));
+  }
+#endif
+
  private:
+#if defined(EIGEN_VECTORIZE) && (defined(__GNUC__) || defined(__clang__))
+  // The step of apply_curves(): the value of the model with the highest
+  // weight, each model's weight sum and how often each model is taken. The
+  // selections use the vector extensions, as select_vectors() does, because
+  // their masks compile to fewer instructions than Eigen's pselect.
+  template <int kN>
+  class CurveStep {
+   public:
+    using Packet = detail::FloatPacket;
+    using Vector = detail::FloatVector;
+    using Mask = detail::FloatVectorMask;
+    using Count = detail::FloatVectorCount;
+
+    CurveStep(float* out, double* weight_sums, std::int64_t* hard_counts)
+        : out_(out), weight_sums_(weight_sums), hard_counts_(hard_counts) {
+      sums_.fill(Eigen::internal::pset1<Packet>(0.0f));
+      tallies_.fill(Count{});
+    }
+
+    void splice(std::int64_t i, const std::array<Packet, kN>& theta, const std::array<Packet, kN>& w) {
+      namespace ei = Eigen::internal;
+      Vector best = vector(w[0]);
+      Vector merged = vector(theta[0]);
+      // The chosen model k as k, or with few models as 1 << 8 k, a one in
+      // model k's 8-bit field, so that one addition counts every model.
+      Mask best_model = kPacked ? Mask{} + 1 : Mask{};
+      sums_[0] = ei::padd(sums_[0], w[0]);
+      for (int k = 1; k < kN; ++k) {
+        sums_[k] = ei::padd(sums_[k], w[k]);
+        const Vector current = vector(w[k]);
+        const Mask higher = current > best;
+        best = pick(higher, current, best);
+        merged = pick(higher, vector(theta[k]), merged);
+        best_model = (best_model & ~higher) | (higher & (kPacked ? 1 << (8 * k) : k));
+      }
+      std::memcpy(out_ + i, &merged, sizeof merged);
+      if constexpr (kPacked) {
+        tallies_[0] += reinterpret_cast<Count>(best_model);
+      } else {
+        // A vector compare gives -1 (all ones) where true, so subtracting it
+        // counts.
+        for (int k = 0; k < kN; ++k) tallies_[k] -= reinterpret_cast<Count>(best_model == k);
+      }
+    }
+
+    void splice(std::int64_t i, const std::array<float, kN>& theta, const std::array<float, kN>& w) {
+      float best = w[0];
+      int best_model = 0;
+      single_sums_[0] += static_cast<double>(w[0]);
+      for (int k = 1; k < kN; ++k) {
+        single_sums_[k] += static_cast<double>(w[k]);
+        if (w[k] > best) {
+          best = w[k];
+          best_model = k;
+        }
+      }
+      out_[i] = theta[best_model];
+      ++single_tallies_[best_model];
+    }
+
+    void flush() {
+      for (int k = 0; k < kN; ++k) {
+        weight_sums_[k] += single_sums_[k] + detail::sum_lanes_as_double(sums_[k]);
+        hard_counts_[k] += single_tallies_[k];
+        for (int lane = 0; lane < detail::kFloatVectorWidth; ++lane) {
+          hard_counts_[k] += kPacked ? (tallies_[0][lane] >> (8 * k)) & 0xffu : tallies_[k][lane];
+        }
+        sums_[k] = Eigen::internal::pset1<Packet>(0.0f);
+        single_sums_[k] = 0.0;
+        single_tallies_[k] = 0;
+      }
+      tallies_.fill(Count{});
+    }
+
+   private:
+    // With up to four models, one tally counts them all in four 8-bit
+    // fields. A chunk of SoftmaxCurves::kChunk elements adds at most
+    // kChunk / kFloatVectorWidth to a field (128 with SSE, 32 with
+    // AVX-512), so no field carries into the next.
+    static constexpr bool kPacked = kN <= 4 && detail::SoftmaxCurves::kChunk / detail::kFloatVectorWidth < 256;
+
+    static Vector vector(const Packet& packet) {
+      Vector value;
+      std::memcpy(&value, &packet, sizeof value);
+      return value;
+    }
+    // Lanes of `when` are all ones or all zeros: picks `chosen` where set.
+    static Vector pick(Mask when, Vector chosen, Vector other) {
+      const Mask bits = (reinterpret_cast<Mask>(chosen) & when) | (reinterpret_cast<Mask>(other) & ~when);
+      return reinterpret_cast<Vector>(bits);
+    }
+
+    float* out_;
+    double* weight_sums_;
+    std::int64_t* hard_counts_;
+    std::array<Packet, kN> sums_;
+    std::array<Count, kN> tallies_;
+    std::array<double, kN> single_sums_{};
+    std::array<std::int64_t, kN> single_tallies_{};
+  };
+#endif
 
 #if defined(__GNUC__) || defined(__clang__)
   // Runs apply_scaled() in one pass over the models per vector of elements,
@@ -351,6 +594,15 @@ class SplicingPolicy {
           const auto offset = static_cast<std::size_t>(block) * static_cast<std::size_t>(n);
           if constexpr (std::is_same_v<Scalar, float>) {
             if (curves) {
+              if constexpr (detail::has_apply_curves<Splice>::value) {
+                for (Eigen::Index k = 0; k < n; ++k) work.pointers[k] = models[k].data() + begin;
+                const bool fused = detail::SoftmaxCurves::with_model_count(n, [&](auto models_count) {
+                  Splice::template apply_curves<decltype(models_count)::value>(
+                      *curves, work.pointers.data(), count, out + begin, weight_sums.data() + offset,
+                      hard_counts.data() + offset);
+                });
+                if (fused) return;
+              }
               // Chunks small enough that weights and work columns stay in
               // the first-level cache between computing and using them.
               for (std::int64_t start = 0; start < count; start += detail::SoftmaxCurves::kChunk) {
@@ -446,3 +698,7 @@ template <typename Scalar>
 using CkiHard = SplicingPolicy<Scalar, CompatibilityAssessment<Scalar>, HardSplice>;
 
 }  // namespace cki
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
