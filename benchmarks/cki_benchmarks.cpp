@@ -54,6 +54,7 @@ struct Workload {
   cki::Shape shape;
   std::vector<float> arena;
   std::vector<float> copy_target;
+  std::vector<float> fisher;  // per-model Fisher tensors, built by fisher_source()
 
   std::vector<cki::TensorView<float>> views() const {
     std::vector<cki::TensorView<float>> out;
@@ -101,6 +102,32 @@ Workload& workload(int models, std::int64_t elements) {
   }
   cached = std::move(work);
   return *cached;
+}
+
+/// Returns a FisherSource of synthetic diagonal Fisher tensors for the
+/// models of `work`, positive values around 1e-3, built on first use.
+cki::FisherSource<float> fisher_source(Workload& work) {
+  const std::int64_t elements = work.elements;
+  if (work.fisher.empty()) {
+    work.fisher.resize(static_cast<std::size_t>(work.models * elements));
+    float* fisher = work.fisher.data();
+    const int models = work.models;
+#pragma omp parallel for schedule(static)
+    for (std::int64_t i = 0; i < elements; ++i) {
+      for (int k = 0; k < models; ++k) {
+        const float value = pseudo_normal(static_cast<std::uint64_t>((models + 1 + k) * elements + i));
+        fisher[k * elements + i] = 1e-3f * (0.5f + value * value);
+      }
+    }
+  }
+  const Workload* source = &work;
+  return [source](const std::string& /*name*/) {
+    cki::FisherTensors<float> tensors;
+    for (int k = 0; k < source->models; ++k) {
+      tensors.models.emplace_back(source->fisher.data() + k * source->elements, source->shape);
+    }
+    return tensors;
+  };
 }
 
 /// Copies `bytes` from `source` to `target`, split into `threads` equal
@@ -314,11 +341,18 @@ void add(const std::string& method, int models, int size_mebi, int threads,
       ->Unit(benchmark::kMillisecond);
 }
 
-/// Registers every baseline merge method that takes `models` models and
-/// needs no extra inputs (Fisher needs per-model Fisher tensors).
+/// Registers every baseline merge method that takes `models` models.
+/// Fisher merging also reads one synthetic Fisher tensor per model, N more
+/// inputs than the copy it is compared with.
 void add_baselines(int models, int size_mebi, int threads) {
   for (const std::string& method : cki::merge_method_names()) {
-    if (method == "fisher") continue;
+    if (method == "fisher") {
+      add(method, models, size_mebi, threads, [](benchmark::State& state, Workload& work, int t) {
+        const cki::FisherPolicy<float> policy(cki::FisherParams{}, fisher_source(work));
+        run_policy(state, work, t, policy);
+      });
+      continue;
+    }
     std::shared_ptr<cki::AnyPolicy<float>> policy;
     try {
       policy = std::make_shared<cki::AnyPolicy<float>>(cki::make_merge_policy<float>(method));

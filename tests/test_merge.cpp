@@ -946,6 +946,20 @@ TEMPLATE_TEST_CASE("fisher rejects bad Fisher tensors", "[merge][fisher]", float
   CHECK_THROWS_WITH(merge_tensor(too_few, inputs), Contains("expected one per model (2)"));
 }
 
+TEMPLATE_TEST_CASE("fisher finds bad value in later block", "[merge][fisher]", float, double) {
+  // 10000 elements span three blocks. Model 2's Fisher tensor contains
+  // infinity at 9000 and -1 at 9500, in the last block: the error names the
+  // first of them.
+  const std::size_t count = 10000;
+  const std::vector<std::vector<double>> values(2, std::vector<double>(count, 0.5));
+  std::vector<std::vector<double>> fisher(2, std::vector<double>(count, 1.0));
+  fisher[1][9000] = std::numeric_limits<double>::infinity();
+  fisher[1][9500] = -1.0;
+  const Inputs<TestType> inputs({static_cast<std::int64_t>(count)}, values);
+  const cki::FisherPolicy<TestType> policy(cki::FisherParams{}, fisher_source<TestType>({10000}, fisher));
+  CHECK_THROWS_WITH(merge_tensor(policy, inputs), Contains("for model 2 contains inf at index 9000"));
+}
+
 // ----------------------------------------------------------------- prune
 
 TEMPLATE_TEST_CASE("prune hand-derived", "[merge][prune]", float, double) {

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -15,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cki/assessment/context.hpp"
+#include "cki/detail/kernels.hpp"
 #include "cki/detail/parallel.hpp"
 #include "cki/errors.hpp"
 #include "cki/merge/common.hpp"
@@ -156,16 +158,18 @@ class FisherPolicy : public detail::WeightedPolicy<FisherParams> {
           const std::int64_t count = plan.end(block) - begin;
           const auto offset = static_cast<std::size_t>(block) * n;
 
-          // Scaled Fisher values w_k F'_k; invalid values are recorded and
-          // raised after the loop.
+          // Scaled Fisher values w_k F'_k. A block with an invalid value is
+          // searched for its first one, which is raised after the loop.
           for (std::size_t k = 0; k < n; ++k) {
-            for (std::int64_t i = 0; i < count; ++i) {
-              const Scalar value = fisher[k][begin + i];
-              if (!(std::isfinite(value) && value >= 0) && first_bad[offset + k] < 0) {
-                first_bad[offset + k] = begin + i;
+            const Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>> values(fisher[k] + begin, count);
+            const bool valid = ((values >= Scalar(0)) && (values <= std::numeric_limits<Scalar>::max())).all();
+            if (!valid) {
+              for (std::int64_t i = 0; i < count && first_bad[offset + k] < 0; ++i) {
+                const Scalar value = values[i];
+                if (!(std::isfinite(value) && value >= 0)) first_bad[offset + k] = begin + i;
               }
-              work.scaled(i, static_cast<Eigen::Index>(k)) = scalar_weights[k] * std::max(value, floor);
             }
+            work.scaled.col(static_cast<Eigen::Index>(k)).head(count) = scalar_weights[k] * values.max(floor);
           }
 
           // Weighted sum over the models, then the division.
@@ -183,9 +187,13 @@ class FisherPolicy : public detail::WeightedPolicy<FisherParams> {
             }
           }
           Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>>(out + begin, count) = numerator / denominator;
+          // Each model's weights w_k F'_k / sum_j w_j F'_j, summed for the
+          // report, with one division per element rather than one per model.
+          numerator = Scalar(1) / denominator;
           for (std::size_t k = 0; k < n; ++k) {
-            const auto scaled = work.scaled.col(static_cast<Eigen::Index>(k)).head(count);
-            weight_sums[offset + k] = (scaled / denominator).template cast<double>().sum();
+            auto scaled = work.scaled.col(static_cast<Eigen::Index>(k)).head(count);
+            scaled *= numerator;
+            weight_sums[offset + k] = detail::sum_as_double(scaled.data(), count);
           }
         });
 
