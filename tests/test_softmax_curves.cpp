@@ -118,6 +118,22 @@ struct RandomBlock {
   }
 };
 
+/// Calls check(n, count, models, generator) for each case of the scaled
+/// splice tests, with new random models of 512 values each time. Up to 16
+/// models take the vector path and 17 the other. Counts of 1 to 33 leave
+/// tails after whole vectors of 4 or 8 floats.
+template <typename Check>
+void for_each_scaled_case(std::uint32_t seed, Check check) {
+  std::mt19937 generator(seed);
+  for (Eigen::Index n : {2, 3, 4, 8, 16, 17}) {
+    for (std::int64_t count : {1, 7, 8, 9, 33, 512}) {
+      INFO("N = " << n << ", count = " << count);
+      const RandomBlock models(n, generator);
+      check(n, count, models, generator);
+    }
+  }
+}
+
 }  // namespace
 
 TEST_CASE("fitted curves match softmax weights", "[assessment][curves]") {
@@ -329,76 +345,65 @@ TEST_CASE("curves splice identically across threads", "[splice][curves][threads]
 TEST_CASE("scaled hard splice matches hard splice", "[splice][curves]") {
   // apply_scaled() with weights u * scale must pick what apply() picks on
   // the products, ties to the lower index included. Every fifth element
-  // ties all models. Up to 16 models take the vector path and 17 the
-  // other. Counts of 1 to 33 leave tails after whole vectors of 4 or 8
-  // floats.
-  std::mt19937 generator(3);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  for (Eigen::Index n : {2, 3, 4, 8, 16, 17}) {
-    for (std::int64_t count : {1, 7, 8, 9, 33, 512}) {
-      INFO("N = " << n << ", count = " << count);
-      cki::BlockArray<float> u(512, n), w(512, n);
-      const RandomBlock models(n, generator);
-      const std::vector<std::vector<float>>& values = models.values;
-      const std::vector<const float*>& block = models.pointers;
-      std::vector<float> scale(512, 1.0f / 3.0f);
-      for (Eigen::Index i = 0; i < 512; ++i) {
-        for (Eigen::Index k = 0; k < n; ++k) {
-          u(i, k) = i % 5 == 0 ? 1.0f : 1.0f + std::abs(normal(generator));
-          w(i, k) = u(i, k) * scale[static_cast<std::size_t>(i)];
-        }
+  // ties all models.
+  for_each_scaled_case(3, [](Eigen::Index n, std::int64_t count, const RandomBlock& models,
+                             std::mt19937& generator) {
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    cki::BlockArray<float> u(512, n), w(512, n);
+    std::vector<float> scale(512, 1.0f / 3.0f);
+    for (Eigen::Index i = 0; i < 512; ++i) {
+      for (Eigen::Index k = 0; k < n; ++k) {
+        u(i, k) = i % 5 == 0 ? 1.0f : 1.0f + std::abs(normal(generator));
+        w(i, k) = u(i, k) * scale[static_cast<std::size_t>(i)];
       }
-      std::vector<float> scaled(512), plain(512);
-      std::vector<double> scaled_sums(static_cast<std::size_t>(n)), plain_sums(scaled_sums.size());
-      std::vector<std::int64_t> scaled_counts(scaled_sums.size()), plain_counts(scaled_sums.size());
-      cki::HardSplice::apply_scaled(u, scale.data(), block.data(), count, n, scaled.data(), scaled_sums.data(),
-                                    scaled_counts.data());
-      cki::HardSplice::apply(w, block.data(), count, n, plain.data(), plain_sums.data(), plain_counts.data());
-      for (std::size_t i = 0; i < static_cast<std::size_t>(count); ++i) CHECK(scaled[i] == plain[i]);
-      CHECK(scaled_counts == plain_counts);
-      for (std::size_t k = 0; k < scaled_sums.size(); ++k) CHECK(scaled_sums[k] == Approx(plain_sums[k]).epsilon(1e-6));
-      // Tied elements (i % 5 == 0) go to the base.
-      for (std::size_t i = 0; i < static_cast<std::size_t>(count); i += 5) CHECK(scaled[i] == values[0][i]);
     }
-  }
+
+    std::vector<float> scaled(512), plain(512);
+    std::vector<double> scaled_sums(static_cast<std::size_t>(n)), plain_sums(scaled_sums.size());
+    std::vector<std::int64_t> scaled_counts(scaled_sums.size()), plain_counts(scaled_sums.size());
+    cki::HardSplice::apply_scaled(u, scale.data(), models.pointers.data(), count, n, scaled.data(),
+                                  scaled_sums.data(), scaled_counts.data());
+    cki::HardSplice::apply(w, models.pointers.data(), count, n, plain.data(), plain_sums.data(),
+                           plain_counts.data());
+    for (std::size_t i = 0; i < static_cast<std::size_t>(count); ++i) CHECK(scaled[i] == plain[i]);
+    CHECK(scaled_counts == plain_counts);
+    for (std::size_t k = 0; k < scaled_sums.size(); ++k) CHECK(scaled_sums[k] == Approx(plain_sums[k]).epsilon(1e-6));
+    // Tied elements (i % 5 == 0) go to the base.
+    for (std::size_t i = 0; i < static_cast<std::size_t>(count); i += 5) CHECK(scaled[i] == models.values[0][i]);
+  });
 }
 
 TEST_CASE("scaled soft splice matches soft splice", "[splice][curves]") {
   // apply_scaled() with weights u * scale must merge as apply() does on the
-  // products: up to 16 models take the vector path, 17 the other, and
-  // counts of 1 to 33 leave tails after whole vectors.
-  std::mt19937 generator(4);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  for (Eigen::Index n : {2, 3, 4, 8, 16, 17}) {
-    for (std::int64_t count : {1, 7, 8, 9, 33, 512}) {
-      INFO("N = " << n << ", count = " << count);
-      cki::BlockArray<float> u(512, n), w(512, n);
-      const RandomBlock models(n, generator);
-      const std::vector<const float*>& block = models.pointers;
-      std::vector<float> scale(512);
-      for (Eigen::Index i = 0; i < 512; ++i) {
-        float total = 0.0f;
-        for (Eigen::Index k = 0; k < n; ++k) {
-          u(i, k) = std::abs(normal(generator));
-          total += u(i, k);
-        }
-        scale[static_cast<std::size_t>(i)] = 1.0f / total;
-        for (Eigen::Index k = 0; k < n; ++k) w(i, k) = u(i, k) * scale[static_cast<std::size_t>(i)];
+  // products.
+  for_each_scaled_case(4, [](Eigen::Index n, std::int64_t count, const RandomBlock& models,
+                             std::mt19937& generator) {
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    cki::BlockArray<float> u(512, n), w(512, n);
+    std::vector<float> scale(512);
+    for (Eigen::Index i = 0; i < 512; ++i) {
+      float total = 0.0f;
+      for (Eigen::Index k = 0; k < n; ++k) {
+        u(i, k) = std::abs(normal(generator));
+        total += u(i, k);
       }
-      std::vector<float> scaled(512), plain(512);
-      std::vector<double> scaled_sums(static_cast<std::size_t>(n)), plain_sums(scaled_sums.size());
-      std::vector<std::int64_t> unused(scaled_sums.size());
-      cki::SoftSplice::apply_scaled(u, scale.data(), block.data(), count, n, scaled.data(), scaled_sums.data(),
-                                    unused.data());
-      cki::SoftSplice::apply(w, block.data(), count, n, plain.data(), plain_sums.data(), unused.data());
-      for (std::size_t i = 0; i < static_cast<std::size_t>(count); ++i) {
-        CHECK(scaled[i] == Approx(plain[i]).epsilon(1e-5).margin(1e-6));
-      }
-      for (std::size_t k = 0; k < scaled_sums.size(); ++k) {
-        CHECK(scaled_sums[k] == Approx(plain_sums[k]).epsilon(1e-5));
-      }
+      scale[static_cast<std::size_t>(i)] = 1.0f / total;
+      for (Eigen::Index k = 0; k < n; ++k) w(i, k) = u(i, k) * scale[static_cast<std::size_t>(i)];
     }
-  }
+
+    std::vector<float> scaled(512), plain(512);
+    std::vector<double> scaled_sums(static_cast<std::size_t>(n)), plain_sums(scaled_sums.size());
+    std::vector<std::int64_t> unused(scaled_sums.size());
+    cki::SoftSplice::apply_scaled(u, scale.data(), models.pointers.data(), count, n, scaled.data(),
+                                  scaled_sums.data(), unused.data());
+    cki::SoftSplice::apply(w, models.pointers.data(), count, n, plain.data(), plain_sums.data(), unused.data());
+    for (std::size_t i = 0; i < static_cast<std::size_t>(count); ++i) {
+      CHECK(scaled[i] == Approx(plain[i]).epsilon(1e-5).margin(1e-6));
+    }
+    for (std::size_t k = 0; k < scaled_sums.size(); ++k) {
+      CHECK(scaled_sums[k] == Approx(plain_sums[k]).epsilon(1e-5));
+    }
+  });
 }
 
 #if defined(EIGEN_VECTORIZE) && (defined(__GNUC__) || defined(__clang__))
@@ -476,13 +481,13 @@ TEST_CASE("fused splices match chunked splices", "[splice][curves]") {
         CHECK(std::memcmp(fused_hard.data(), chunked_hard.data(), size * sizeof(float)) == 0);
         CHECK(counts[1] == counts[3]);
 
-        std::int64_t taken = 0;
+        std::int64_t counted = 0;
         for (int k = 0; k < n; ++k) {
-          taken += counts[1][static_cast<std::size_t>(k)];
+          counted += counts[1][static_cast<std::size_t>(k)];
           CHECK(sums[0][static_cast<std::size_t>(k)] == Approx(sums[2][static_cast<std::size_t>(k)]).epsilon(1e-6));
           CHECK(sums[1][static_cast<std::size_t>(k)] == Approx(sums[3][static_cast<std::size_t>(k)]).epsilon(1e-6));
         }
-        CHECK(taken == count);
+        CHECK(counted == count);
         if (equal && n == 2) CHECK(counts[1][0] == count);  // N = 2 shares q: every element ties
       }
     }

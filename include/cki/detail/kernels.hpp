@@ -83,6 +83,15 @@ struct Vectors {
   }
   static void store(Scalar* to, const Vector& value) { std::memcpy(to, &value, sizeof value); }
 };
+
+/// Returns `chosen` in the lanes where `when` is all ones and `other` where
+/// it is all zeros, for vectors of the GCC and Clang vector extensions (or
+/// Eigen's x86 packets, which are such vectors) as wide as `Mask`.
+template <typename Mask, typename Vector>
+Vector pick_lanes(Mask when, Vector chosen, Vector other) {
+  const Mask bits = (reinterpret_cast<Mask>(chosen) & when) | (reinterpret_cast<Mask>(other) & ~when);
+  return reinterpret_cast<Vector>(bits);
+}
 #endif
 
 /// Adds to `at_least[j]`, for each of the kThresholds values of

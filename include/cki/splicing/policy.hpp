@@ -72,7 +72,7 @@ typedef std::uint32_t FloatVectorCount __attribute__((vector_size(sizeof(FloatPa
 #endif
 
 /// Weighs the first `count` elements of kN models (`block`, base first)
-/// with `curves` and hands them to a local copy of `prototype`, `step`.
+/// with `curves` and splices them with `step`, a local copy of `prototype`.
 /// Calls step.splice(i, theta, w) for each whole packet of elements from i
 /// on (std::array of kN FloatPacket) and for each remaining element
 /// (std::array of kN float), with theta holding the values and w the
@@ -338,8 +338,8 @@ struct HardSplice {
         sums_[k] = ei::padd(sums_[k], w[k]);
         const Vector current = vector(w[k]);
         const Mask higher = current > best;
-        best = pick(higher, current, best);
-        merged = pick(higher, vector(theta[k]), merged);
+        best = detail::pick_lanes(higher, current, best);
+        merged = detail::pick_lanes(higher, vector(theta[k]), merged);
         best_model = (best_model & ~higher) | (higher & (kPacked ? 1 << (8 * k) : k));
       }
       std::memcpy(out_ + i, &merged, sizeof merged);
@@ -393,11 +393,6 @@ struct HardSplice {
       std::memcpy(&value, &packet, sizeof value);
       return value;
     }
-    // Lanes of `when` are all ones or all zeros: picks `chosen` where set.
-    static Vector pick(Mask when, Vector chosen, Vector other) {
-      const Mask bits = (reinterpret_cast<Mask>(chosen) & when) | (reinterpret_cast<Mask>(other) & ~when);
-      return reinterpret_cast<Vector>(bits);
-    }
 
     float* out_;
     double* weight_sums_;
@@ -425,11 +420,6 @@ struct HardSplice {
     using Mask = typename V::Mask;
     constexpr int kWidth = V::kWidth;
     const auto load = [](const Scalar* from) { return V::load(from); };
-    // Lanes of `when` are all ones or all zeros: picks `chosen` where set.
-    const auto pick = [](Mask when, Vector chosen, Vector other) {
-      const Mask bits = (reinterpret_cast<Mask>(chosen) & when) | (reinterpret_cast<Mask>(other) & ~when);
-      return reinterpret_cast<Vector>(bits);
-    };
 
     Vector sums[detail::kMaxVectorModels];
     Mask tallies[detail::kMaxVectorModels];
@@ -448,8 +438,8 @@ struct HardSplice {
         const Vector current = load(u.col(k).data() + i) * factor;
         sums[k] += current;
         const Mask higher = current > best;
-        best = pick(higher, current, best);
-        merged = pick(higher, load(block[k] + i), merged);
+        best = detail::pick_lanes(higher, current, best);
+        merged = detail::pick_lanes(higher, load(block[k] + i), merged);
         best_model = (best_model & ~higher) | (higher & static_cast<Bits>(k));
       }
       V::store(out + i, merged);
